@@ -1,0 +1,1 @@
+"""Convergence analysis (CME covariance maps, ACF, saturation): see the CME issue."""

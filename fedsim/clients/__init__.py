@@ -1,0 +1,1 @@
+"""The fedsim ClientApp and the client tasks."""

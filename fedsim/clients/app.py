@@ -1,0 +1,99 @@
+"""The fedsim ClientApp (Flower Message API): one hospital.
+
+Each round the client
+
+1. rebuilds its model and restores its **private** state (backbone, BatchNorm statistics, any
+   unshared head layers) from ``Context.state``, which Flower keeps across rounds both in
+   simulation and in deployment (where every message starts a new process);
+2. overwrites the shared parameters with the arrays the server sent (the allow-list);
+3. trains ``local_epochs`` epochs on its local split (``train``) or evaluates on its local test
+   split (``evaluate``);
+4. after training, stores its full state back into ``Context.state`` and replies with exactly
+   the keys it received, plus ``num-examples`` and its metrics.
+
+The run configuration arrives in the message's ``config`` record (sent by the ServerApp), so
+clients need no local configuration except their identity: ``partition-id`` and
+``num-partitions`` (set by the Simulation Engine, or ``--node-config`` in deployment) and
+optionally ``data-dir``, a node-local image folder that then replaces the shared cohort.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim._logging import enable_console_logging
+from fedsim.clients.tasks import get_task
+from fedsim.clients.training import ProgressLogger
+from fedsim.config import ConfigError, RunConfig
+
+STATE_KEY = "fedsim.model"
+
+app = ClientApp()
+
+
+def node_identity(context: Context, cfg: RunConfig) -> tuple[int, str | None]:
+    """(partition id, node-local data folder or None) from the node config."""
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ConfigError(
+            "node config lacks 'partition-id'; start the SuperNode with "
+            "--node-config 'partition-id=0 num-partitions=3' (one id per node)"
+        )
+    pid = int(nc["partition-id"])
+    if not 0 <= pid < cfg.clients:
+        raise ConfigError(f"partition-id {pid} is outside 0..{cfg.clients - 1} for a run with {cfg.clients} clients")
+    data_dir = str(nc["data-dir"]) if nc.get("data-dir") else None
+    return pid, data_dir
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None, torch.nn.Module, ArrayRecord]:
+    enable_console_logging()
+    cfg = RunConfig.from_flower(msg.content["config"])
+    pid, data_dir = node_identity(context, cfg)
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed * 1000 + pid)  # private initialisation, reproducible per client
+    model = task.build_model(cfg.model_for(pid), cfg)
+    if STATE_KEY in context.state:
+        model.load_state_dict(context.state[STATE_KEY].to_torch_state_dict())
+    shared: ArrayRecord = msg.content["arrays"]
+    own = model.state_dict()
+    incoming = shared.to_torch_state_dict()
+    bad = [k for k, v in incoming.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"client {pid} ({cfg.model_for(pid)}) cannot take shared arrays {bad[:5]}: unknown name or shape")
+    model.load_state_dict(incoming, strict=False)
+    return cfg, pid, data_dir, model, shared
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, data_dir, model, shared = _prepare(msg, context)
+    task = get_task(cfg.task)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    anchor = {k: v.clone() for k, v in shared.to_torch_state_dict().items()} if mu > 0 else None
+    result = task.train(
+        model, cfg, pid, server_round, device(), callbacks=[ProgressLogger()],
+        proximal_mu=mu, data_dir=data_dir, anchor=anchor,
+    )  # fmt: skip
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    context.state[STATE_KEY] = ArrayRecord(state)
+    reply_arrays = ArrayRecord({k: state[k] for k in shared.keys()})
+    metrics = {"num-examples": result.num_examples, "partition-id": pid}
+    metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, pid, data_dir, model, _ = _prepare(msg, context)
+    result = get_task(cfg.task).evaluate_local(model, cfg, pid, device(), data_dir=data_dir)
+    metrics = {"num-examples": result.num_examples, "partition-id": pid}
+    metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""The fedsim ServerApp and its run directory."""

@@ -1,0 +1,157 @@
+"""The fedsim ServerApp (Flower Message API): the federated server of the CME paper (Fig. 2).
+
+It validates the run configuration, waits (with a timeout) for the clients it needs, computes
+the allow-list of shared parameters (:mod:`fedsim.models.sharing`), and runs the chosen Flower
+strategy for ``rounds`` rounds. Per-client metrics go to ``metrics.jsonl`` every round; the
+aggregated parameters to ``global_params.safetensors`` at the end. When the whole server model is
+aggregated (same-model scenarios) it is also evaluated on the held-out global test set.
+
+``app`` reads its configuration from Flower's run config (``flwr run``);
+:func:`make_server_app` binds an already-validated :class:`RunConfig` (``fedsim run``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from fedsim._logging import enable_console_logging, logger
+from fedsim.clients.tasks import get_task
+from fedsim.config import RunConfig
+from fedsim.models.sharing import shared_parameter_names
+from fedsim.server.recorder import RoundRecorder
+from fedsim.server.rundir import RunDir
+from fedsim.strategies import StrategyOptions, build_strategy
+
+
+class NodeTimeoutError(TimeoutError):
+    """Fewer SuperNodes connected than the run needs, within the configured timeout."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Return the connected node ids once ``needed`` are there; give up after ``timeout`` s."""
+    start = time.monotonic()
+    while True:
+        ids = list(grid.get_node_ids())
+        if len(ids) >= needed:
+            return ids
+        if time.monotonic() - start >= timeout:
+            raise NodeTimeoutError(
+                f"waited {timeout:.0f}s for {needed} client nodes but saw only {len(ids)}; start more "
+                "SuperNodes, lower the number of clients, or raise node-timeout"
+            )
+        time.sleep(poll)
+
+
+class OrderedGrid:
+    """A Grid proxy that returns replies sorted by the clients' partition id.
+
+    Aggregation sums floats in reply order; sorting makes runs with the same seed bit-identical
+    whatever order the nodes answered in.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_partition_of)
+
+
+def _partition_of(msg: Message) -> tuple[int, int]:
+    if msg.has_error():
+        return (1, 0)
+    records = msg.content.metric_records
+    m = next(iter(records.values())) if records else {}
+    return (0, int(m.get("partition-id", 0)))
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.task}-s{cfg.scenario}-{cfg.profile}-{stamp}"
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> Result:
+    """Run a whole federated training with a resolved config; return Flower's ``Result``."""
+    task = get_task(cfg.task)
+    run_dir = RunDir(cfg.out or default_out_dir(cfg)).create()
+    cfg_json = cfg.to_json_dict() | {"out": str(run_dir.path)}
+    run_dir.write_config(cfg_json)
+    logger.info("run directory: %s", run_dir.path)
+
+    client_models = cfg.client_models()
+    shared = shared_parameter_names([*client_models, cfg.server_model], lambda m: task.build_model(m, cfg))
+    torch.manual_seed(cfg.seed)
+    server_model = task.build_model(cfg.server_model, cfg)
+    server_state = server_model.state_dict()
+    complete = set(shared) == {k for k, v in server_state.items() if v.is_floating_point()}
+    logger.info(
+        "scenario %d (%s): clients %s, server %s; sharing %d tensors (%s)",
+        cfg.scenario, cfg.scenario_spec.description, list(client_models), cfg.server_model,
+        len(shared), "whole model" if complete else "head layers: " + ", ".join(shared),
+    )  # fmt: skip
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def global_eval(arrays: ArrayRecord) -> dict[str, float]:
+        server_model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        res = task.evaluate_global(server_model, cfg, dev)
+        return {} if res is None else {f"global-{k}": float(v) for k, v in res.metrics.items()}
+
+    recorder = RoundRecorder(run_dir, client_models, global_eval if complete else None)
+    strategy = build_strategy(
+        cfg, StrategyOptions(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics)
+    )
+    ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
+    logger.info("%d client nodes connected", len(ids))
+    assert cfg.rounds is not None
+    record = ConfigRecord(cfg.to_flower())
+    result = strategy.start(
+        grid=OrderedGrid(grid),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: server_state[k] for k in shared}),
+        num_rounds=cfg.rounds,
+        timeout=cfg.round_timeout,
+        train_config=record,
+        evaluate_config=ConfigRecord(cfg.to_flower()),
+        evaluate_fn=recorder.on_round_end,
+    )
+    final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
+    path = run_dir.save_params(
+        final, {"server_model": cfg.server_model, "complete": str(complete).lower(), "rounds": str(cfg.rounds)}
+    )
+    logger.info("final global parameters: %s", path)
+    return result
+
+
+def make_server_app(cfg: RunConfig) -> ServerApp:
+    """A ServerApp bound to an already-resolved config (used by ``fedsim run``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        enable_console_logging()
+        run_server(grid, cfg)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: the config comes from ``[tool.flwr.app.config]`` / ``--run-config``."""
+    enable_console_logging()
+    cfg = RunConfig.from_flower(context.run_config).resolve()
+    get_task(cfg.task).check_data(cfg)
+    run_server(grid, cfg)

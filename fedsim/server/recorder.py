@@ -1,0 +1,98 @@
+"""Server-side per-client recording: the hooks through which ``metrics.jsonl`` is written.
+
+Flower's ``Result`` keeps only aggregated metrics, so the recorder plugs into the strategy's
+metric-aggregation hooks (``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``, which see
+every client's reply) and into ``evaluate_fn``, which Flower calls at the end of every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedsim._logging import logger
+from fedsim.server.rundir import RunDir
+
+#: Client metric keys -> metrics.jsonl field names.
+_FIELDS = {
+    "num-examples": None,
+    "train-loss": "train_loss",
+    "train-accuracy": "train_accuracy",
+    "test-loss": "test_loss",
+    "test-accuracy": "test_accuracy",
+}
+
+
+def _metrics(rd: RecordDict) -> MetricRecord:
+    return next(iter(rd.metric_records.values()))
+
+
+class RoundRecorder:
+    """Collects per-client train/evaluate metrics and writes one ``metrics.jsonl`` line per round."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        client_models: Sequence[str],
+        global_eval: Callable[[ArrayRecord], dict[str, float]] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.client_models = tuple(client_models)
+        self.global_eval = global_eval
+        self._train: dict[int, dict[str, Any]] = {}
+        self._eval: dict[int, dict[str, Any]] = {}
+
+    def _collect(self, store: dict[int, dict[str, Any]], records: list[RecordDict], key: str) -> MetricRecord:
+        for rd in records:
+            m = _metrics(rd)
+            pid = int(m["partition-id"])
+            store[pid] = {k: m[k] for k in m if k != "partition-id"}
+        agg = aggregate_metricrecords(records, key)
+        if "partition-id" in agg:
+            del agg["partition-id"]
+        return agg
+
+    def train_metrics(self, records: list[RecordDict], key: str) -> MetricRecord:
+        return self._collect(self._train, records, key)
+
+    def evaluate_metrics(self, records: list[RecordDict], key: str) -> MetricRecord:
+        return self._collect(self._eval, records, key)
+
+    def on_round_end(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: global evaluation (if any) and the round's metrics line."""
+        glob = self.global_eval(arrays) if self.global_eval is not None else None
+        if server_round == 0:
+            if glob:
+                logger.info("initial global model: %s", _fmt(glob))
+            return MetricRecord(glob) if glob else None
+        clients = []
+        for pid in sorted(set(self._train) | set(self._eval)):
+            tr, ev = self._train.get(pid, {}), self._eval.get(pid, {})
+            row: dict[str, Any] = {"client": pid, "model": self.client_models[pid]}
+            row["num_examples"] = int(tr.get("num-examples", 0))
+            row["num_test_examples"] = int(ev.get("num-examples", 0))
+            for src in (tr, ev):
+                row.update({_FIELDS[k]: float(v) for k, v in src.items() if _FIELDS.get(k)})
+            clients.append(row)
+            logger.info(
+                "round %d client %d (%s): train loss %.4f acc %.3f | local test acc %s",
+                server_round, pid, row["model"], row.get("train_loss", float("nan")),
+                row.get("train_accuracy", float("nan")), _opt(row.get("test_accuracy")),
+            )  # fmt: skip
+        if glob:
+            logger.info("round %d global model: %s", server_round, _fmt(glob))
+        self.run_dir.append_metrics({"round": server_round, "clients": clients, "global": glob})
+        self._train.clear()
+        self._eval.clear()
+        return MetricRecord(glob) if glob else None
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
+def _opt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

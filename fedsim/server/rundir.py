@@ -1,0 +1,86 @@
+"""The run directory: ``config.json``, ``metrics.jsonl`` and the final global parameters.
+
+Writes are atomic (temp file + ``os.replace``) or append-only with flush + fsync, so a crash
+never leaves a half-written file; an existing run is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PARAMS_FILE = "global_params.safetensors"
+
+
+class RunDirExistsError(FileExistsError):
+    """The output folder already holds a fedsim run."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """A run's output folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+
+    def create(self) -> RunDir:
+        """Create the folder; refuse one that already holds a run (nothing is overwritten)."""
+        if (self.path / METRICS_FILE).exists() or (self.path / CONFIG_FILE).exists():
+            raise RunDirExistsError(f"{self.path} already holds a fedsim run; choose another --out folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.path / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete line of ``metrics.jsonl`` (a torn last line is ignored)."""
+        out = []
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return out
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return out
+
+    def save_params(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Path:
+        from safetensors.numpy import save
+
+        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=dict(metadata))
+        atomic_write_bytes(self.path / PARAMS_FILE, data)
+        return self.path / PARAMS_FILE
+
+    def load_params(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.path / PARAMS_FILE))

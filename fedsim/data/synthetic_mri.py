@@ -79,33 +79,36 @@ def render_image(seed: int, index: int, label: int, size: int) -> np.ndarray:
         ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.85)
         img += rng.uniform(0.1, 0.3) * _blob(xr, yr, rad * a * np.cos(ang), rad * b * np.sin(ang), rng.uniform(0.008, 0.02), sharp)
 
-    contrast = rng.uniform(0.12, 0.4)
+    # Separate streams: the tumour never changes the head or the acquisition of the same index.
+    rng_t = np.random.default_rng([seed, index, 7927])
+    rng_a = np.random.default_rng([seed, index, 7933])
+    contrast = rng_t.uniform(0.12, 0.4)
     if label == GLIOMA:
-        ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.6)
+        ang, rad = rng_t.uniform(0, 2 * np.pi), rng_t.uniform(0.15, 0.6)
         tx, ty = rad * a * np.cos(ang), rad * b * np.sin(ang)
         phi = np.arctan2(yr - ty, xr - tx)
-        r0 = rng.uniform(0.07, 0.17)
-        lobes = sum(rng.uniform(0, 0.25) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
+        r0 = rng_t.uniform(0.07, 0.17)
+        lobes = sum(rng_t.uniform(0, 0.25) * np.cos(k * phi + rng_t.uniform(0, 2 * np.pi)) for k in range(2, 6))
         radius = r0 * (1 + lobes)
         mass = _blob(xr, yr, tx, ty, radius, sharp)
         core = _blob(xr, yr, tx, ty, 0.55 * radius, sharp)
         edema = _blob(xr, yr, tx, ty, 1.6 * radius, sharp / 2)
         img += (-0.35 * contrast * (edema - mass) + contrast * mass - 1.2 * contrast * core) * brain
     elif label == MENINGIOMA:
-        ang = rng.uniform(0, 2 * np.pi)
-        rad_t = rng.uniform(0.06, 0.14)
+        ang = rng_t.uniform(0, 2 * np.pi)
+        rad_t = rng_t.uniform(0.06, 0.14)
         edge = 0.94 - rad_t * 0.8  # centre just inside the inner skull: the mass abuts it
         tx, ty = edge * a * np.cos(ang), edge * b * np.sin(ang)
         img += 1.2 * contrast * _blob(xr, yr, tx, ty, rad_t, sharp * 1.5) * brain
     elif label == PITUITARY:
-        rad_t = rng.uniform(0.035, 0.08)
-        img += 1.3 * contrast * _blob(xr, yr, sella[0] + rng.normal(0, 0.01), sella[1] - rad_t * 0.5, rad_t, sharp * 1.5)
+        rad_t = rng_t.uniform(0.035, 0.08)
+        img += 1.3 * contrast * _blob(xr, yr, sella[0] + rng_t.normal(0, 0.01), sella[1] - rad_t * 0.5, rad_t, sharp * 1.5)
 
     # Acquisition: smooth bias field, gamma, noise.
-    bias = 1 + 0.15 * (xx * rng.normal() + yy * rng.normal())
+    bias = 1 + 0.15 * (xx * rng_a.normal() + yy * rng_a.normal())
     img = np.clip(img * bias, 0, None)
-    img = img ** rng.uniform(0.8, 1.25)
-    img = img + rng.normal(0, rng.uniform(0.02, 0.06), size=img.shape)
+    img = img ** rng_a.uniform(0.8, 1.25)
+    img = img + rng_a.normal(0, rng_a.uniform(0.02, 0.06), size=img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 

@@ -84,10 +84,14 @@ class RoundRecorder:
             )  # fmt: skip
         if glob:
             logger.info("round %d global model: %s", server_round, _fmt(glob))
-        self.run_dir.append_metrics({"round": server_round, "clients": clients, "global": glob})
+        self.run_dir.append_metrics({"round": server_round, "clients": clients, "global": _strip(glob)})
         self._train.clear()
         self._eval.clear()
         return MetricRecord(glob) if glob else None
+
+
+def _strip(m: dict[str, float] | None) -> dict[str, float] | None:
+    return {k.removeprefix("global-"): v for k, v in m.items()} if m else None
 
 
 def _fmt(m: dict[str, float]) -> str:

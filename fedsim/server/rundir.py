@@ -44,11 +44,17 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser().resolve()
 
-    def create(self) -> RunDir:
-        """Create the folder; refuse one that already holds a run (nothing is overwritten)."""
+    def ensure_free(self) -> RunDir:
+        """Refuse a folder that already holds a run (nothing is ever overwritten)."""
         if (self.path / METRICS_FILE).exists() or (self.path / CONFIG_FILE).exists():
             raise RunDirExistsError(f"{self.path} already holds a fedsim run; choose another --out folder")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirExistsError(f"{self.path} exists and is not a folder; choose another --out")
+        return self
+
+    def create(self) -> RunDir:
+        """Create the folder after :meth:`ensure_free`."""
+        self.ensure_free().path.mkdir(parents=True, exist_ok=True)
         return self
 
     def write_config(self, config: Mapping[str, Any]) -> None:

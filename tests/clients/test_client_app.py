@@ -1,0 +1,90 @@
+"""The ClientApp functions called directly on hand-made Messages (no Ray)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedsim.clients import app as client_app
+from fedsim.config import ConfigError
+from fedsim.models import build_model
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+HEAD_KEYS = ["head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"]
+
+
+def _context(pid: int = 0) -> Context:
+    return Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid, "num-partitions": 3}, state=RecordDict(), run_config={})
+
+
+def _message(cfg, keys, kind="train", server_round=1, extra=None, seed=0) -> Message:
+    torch.manual_seed(seed)
+    state = build_model("small_cnn", num_classes=4).state_dict()
+    config = ConfigRecord({**cfg.to_flower(), "server-round": server_round, **(extra or {})})
+    content = RecordDict({"arrays": ArrayRecord({k: state[k] for k in keys}), "config": config})
+    return Message(content=content, dst_node_id=10, message_type=kind)
+
+
+def test_train_replies_with_exactly_the_shared_keys(tiny_cfg):
+    ctx = _context(1)
+    reply = client_app.train(_message(tiny_cfg, HEAD_KEYS), ctx)
+    assert list(reply.content["arrays"].keys()) == HEAD_KEYS
+    m = reply.content["metrics"]
+    assert m["partition-id"] == 1 and m["num-examples"] == 27  # 102 pooled / 3 = 34, minus 20 % local test
+    assert 0.0 <= m["train-accuracy"] <= 1.0 and m["train-loss"] > 0
+    # the whole private model (backbone included) is kept in Context.state
+    saved = ctx.state[client_app.STATE_KEY].to_torch_state_dict()
+    assert "backbone.0.weight" in saved and len(saved) == len(build_model("small_cnn").state_dict())
+
+
+def test_private_state_survives_between_rounds(tiny_cfg):
+    ctx = _context(0)
+    client_app.train(_message(tiny_cfg, HEAD_KEYS), ctx)
+    after_round_1 = ctx.state[client_app.STATE_KEY].to_torch_state_dict()["backbone.0.weight"].clone()
+    # evaluation on a context with state uses the trained backbone; a fresh context does not
+    msg = _message(tiny_cfg, HEAD_KEYS, kind="evaluate")
+    with_state = client_app.evaluate(msg, ctx).content["metrics"]
+    fresh = client_app.evaluate(msg, _context(0)).content["metrics"]
+    assert with_state["test-loss"] != fresh["test-loss"]
+    client_app.train(_message(tiny_cfg, HEAD_KEYS, server_round=2), ctx)
+    after_round_2 = ctx.state[client_app.STATE_KEY].to_torch_state_dict()["backbone.0.weight"]
+    assert not torch.equal(after_round_1, after_round_2)  # trained further from round 1's state
+
+
+def test_same_inputs_same_outputs(tiny_cfg):
+    a = client_app.train(_message(tiny_cfg, HEAD_KEYS), _context(2))
+    b = client_app.train(_message(tiny_cfg, HEAD_KEYS), _context(2))
+    for k in HEAD_KEYS:
+        np.testing.assert_array_equal(a.content["arrays"][k].numpy(), b.content["arrays"][k].numpy())
+    assert dict(a.content["metrics"]) == dict(b.content["metrics"])
+
+
+def test_fedprox_term_keeps_weights_near_the_global_model(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, local_epochs=3, lr=0.01)
+    msg0 = _message(cfg, HEAD_KEYS)
+    sent = msg0.content["arrays"]["head.fc2.weight"].numpy()
+
+    def drift(mu: float) -> float:
+        reply = client_app.train(_message(cfg, HEAD_KEYS, extra={"proximal-mu": mu}), _context(0))
+        return float(np.linalg.norm(reply.content["arrays"]["head.fc2.weight"].numpy() - sent))
+
+    assert drift(100.0) < 0.5 * drift(0.0)
+
+
+def test_missing_partition_id_is_a_clear_error(tiny_cfg):
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="--node-config 'partition-id=0 num-partitions=3'"):
+        client_app.train(_message(tiny_cfg, HEAD_KEYS), ctx)
+    bad = Context(run_id=1, node_id=5, node_config={"partition-id": 7}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="partition-id 7 is outside 0..2"):
+        client_app.train(_message(tiny_cfg, HEAD_KEYS), bad)
+
+
+def test_wrong_shared_shapes_are_refused(tiny_cfg):
+    msg = _message(tiny_cfg, HEAD_KEYS)
+    msg.content["arrays"] = ArrayRecord({"head.out.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"cannot take shared arrays \['head.out.weight'\]"):
+        client_app.train(msg, _context(0))

@@ -1,0 +1,88 @@
+import pytest
+
+from fedsim.config import SCENARIOS, ConfigError, RunConfig
+from fedsim.registry import UnknownNameError
+
+
+def test_resolve_fills_profile_and_scenario():
+    cfg = RunConfig(scenario=3, profile="tiny").resolve()
+    assert (cfg.image_size, cfg.num_samples, cfg.rounds, cfg.local_epochs) == (32, 120, 2, 1)
+    assert cfg.partition == "identical"
+    assert cfg.client_models() == ("resnet50", "densenet121", "alexnet_skip")
+    assert cfg.server_model == "resnet50"
+    assert RunConfig(scenario=2, profile="tiny").resolve().client_models() == ("resnet50",) * 3
+
+
+def test_explicit_values_win_over_profile():
+    cfg = RunConfig(profile="quick", rounds=7, lr=0.5, partition="dirichlet").resolve()
+    assert cfg.rounds == 7 and cfg.lr == 0.5 and cfg.partition == "dirichlet" and cfg.local_epochs == 2
+
+
+def test_scenarios_match_table_1():
+    assert {n: (s.partition, s.client_models) for n, s in SCENARIOS.items()} == {
+        1: ("iid", ("resnet50", "densenet121", "alexnet_skip")),
+        2: ("iid", ("resnet50",)),
+        3: ("identical", ("resnet50", "densenet121", "alexnet_skip")),
+        4: ("identical", ("resnet50",)),
+    }
+    assert SCENARIOS[1].models_for(5) == ("resnet50", "densenet121", "alexnet_skip", "resnet50", "densenet121")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rounds": 0}, "rounds must be a whole number >= 1, got 0"),
+        ({"clients": -2}, "clients must be a whole number >= 1"),
+        ({"scenario": 5}, "unknown scenario 5; valid choices: 1, 2, 3, 4"),
+        ({"alpha": 0.0}, "alpha must be a positive number"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"local_test_fraction": 1.0}, r"local_test_fraction must be in \(0, 1\)"),
+        ({"models": ("small_cnn",)}, "models lists 1 models for 3 clients"),
+        ({"image_size": 8}, "image_size must be >= 16"),
+    ],
+)
+def test_invalid_numbers_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"profile": "huge"}, "unknown profile 'huge'; valid choices: tiny, quick, paper"),
+        ({"strategy": "fedfoo"}, "unknown strategy 'fedfoo'; valid choices: equal_avg, fedadam, fedavg, fedprox"),
+        ({"partition": "random"}, "unknown partitioner 'random'; valid choices: dirichlet, identical, iid, sizes"),
+        ({"task": "nope"}, "unknown task 'nope'; valid choices: brain_mri"),
+        ({"models": ("vgg", "small_cnn", "small_cnn")}, "unknown model 'vgg'; valid choices: alexnet_skip, densenet121"),
+        ({"partition": "sizes"}, "partition 'sizes' needs fractions"),
+    ],
+)
+def test_unknown_names_list_choices(kwargs, message):
+    with pytest.raises((ConfigError, UnknownNameError), match=message):
+        RunConfig(**kwargs).resolve()
+
+
+def test_flower_round_trip_and_toml_sentinels():
+    cfg = RunConfig(profile="tiny", models=("small_cnn",) * 3, partition="sizes", fractions=(0.2, 0.3, 0.5)).resolve()
+    flat = cfg.to_flower()
+    assert flat["local-epochs"] == 1 and flat["fractions"] == [0.2, 0.3, 0.5]
+    assert RunConfig.from_flower(flat) == cfg
+    # pyproject-style values: 0 / "" mean "unset", lists may be comma strings, extra keys are kept
+    toml = {"rounds": 0, "partition": "", "models": "small_cnn, small_cnn,small_cnn", "client-gpus": -1.0, "server-round": 3}
+    parsed = RunConfig.from_flower(toml)
+    assert parsed.rounds is None and parsed.partition is None and parsed.client_gpus is None
+    assert parsed.models == ("small_cnn",) * 3 and dict(parsed.extra) == {"server-round": 3}
+    assert RunConfig.from_flower({"client-gpus": 0.0}).client_gpus == 0.0
+
+
+def test_pyproject_app_config_is_a_valid_run_config():
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    cfg = RunConfig.from_flower(data["tool"]["flwr"]["app"]["config"]).resolve()
+    assert cfg.profile == "tiny" and cfg.scenario == 1 and cfg.rounds == 2
+    assert data["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "fedsim.server.app:app",
+        "clientapp": "fedsim.clients.app:app",
+    }

@@ -1,0 +1,63 @@
+"""Server pieces without Ray: node waiting, reply ordering, per-client recording."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedsim.server.app import NodeTimeoutError, OrderedGrid, wait_for_nodes
+from fedsim.server.recorder import RoundRecorder
+from fedsim.server.rundir import RunDir
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+class FakeGrid:
+    def __init__(self, nodes, replies=()):
+        self.nodes, self.replies, self.extra = nodes, list(replies), "delegated"
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.replies)
+
+
+def _reply(pid, **metrics):
+    content = RecordDict({"metrics": MetricRecord({"partition-id": pid, **metrics})})
+    return Message(content=content, dst_node_id=pid + 1, message_type="train")
+
+
+def test_wait_for_nodes_gives_up_with_count():
+    with pytest.raises(NodeTimeoutError, match="waited 0s for 3 client nodes but saw only 2"):
+        wait_for_nodes(FakeGrid([1, 2]), 3, timeout=0.2, poll=0.05)
+    assert wait_for_nodes(FakeGrid([1, 2, 3]), 3, timeout=0.2) == [1, 2, 3]
+
+
+def test_ordered_grid_sorts_by_partition_and_delegates():
+    grid = OrderedGrid(FakeGrid([1], [_reply(2, **{"num-examples": 1}), _reply(0, **{"num-examples": 1}), _reply(1, **{"num-examples": 1})]))
+    assert [int(m.content["metrics"]["partition-id"]) for m in grid.send_and_receive([])] == [0, 1, 2]
+    assert grid.extra == "delegated" and grid.get_node_ids() == [1]
+
+
+def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
+    rd = RunDir(tmp_path / "r").create()
+    rec = RoundRecorder(rd, ["resnet50", "densenet121"], global_eval=lambda arrays: {"global-accuracy": 0.5})
+    train = [_reply(1, **{"num-examples": 30, "train-loss": 2.0, "train-accuracy": 0.25}).content,
+             _reply(0, **{"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.75}).content]
+    agg = rec.train_metrics(train, "num-examples")
+    assert agg["train-loss"] == pytest.approx(1.75) and "partition-id" not in agg  # (10*1 + 30*2) / 40
+    rec.evaluate_metrics([_reply(0, **{"num-examples": 5, "test-loss": 0.1, "test-accuracy": 0.8}).content,
+                          _reply(1, **{"num-examples": 7, "test-loss": 0.2, "test-accuracy": 0.6}).content], "num-examples")
+    out = rec.on_round_end(1, ArrayRecord({"x": Array(np.zeros(1))}))
+    assert out["global-accuracy"] == 0.5
+    (line,) = rd.read_metrics()
+    assert line["round"] == 1 and line["global"] == {"accuracy": 0.5}
+    assert line["clients"] == [
+        {"client": 0, "model": "resnet50", "num_examples": 10, "num_test_examples": 5, "train_loss": 1.0,
+         "train_accuracy": 0.75, "test_loss": 0.1, "test_accuracy": 0.8},
+        {"client": 1, "model": "densenet121", "num_examples": 30, "num_test_examples": 7, "train_loss": 2.0,
+         "train_accuracy": 0.25, "test_loss": 0.2, "test_accuracy": 0.6},
+    ]
+    # round 0 (Flower's initial evaluation) writes no line
+    rec.on_round_end(0, ArrayRecord())
+    assert len(rd.read_metrics()) == 1

@@ -1,0 +1,120 @@
+"""Flower + Ray overhead: fedsim's simulation vs. the identical local training as a plain loop.
+
+Both runs use the same config (models, data, epochs, seed) and the same task code (the
+``brain_mri`` task's train/evaluate functions); the plain loop does the federation by hand in one
+process (equal-weighted averaging of the shared parameters, private state kept in a dict), with
+no Flower and no Ray. Prints both wall times, their ratio, and whether the final per-client
+metrics agree; writes ``benchmarks/results/overhead-<profile>-s<scenario>.json``.
+
+    python benchmarks/overhead.py --profile quick --scenario 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsim._logging import enable_console_logging
+from fedsim.clients.tasks import get_task
+from fedsim.config import RunConfig
+from fedsim.models.sharing import shared_parameter_names
+from fedsim.server.rundir import RunDir
+from fedsim.simulation import run_simulation
+
+
+def plain_loop(cfg: RunConfig) -> list[dict]:
+    """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop."""
+    task = get_task(cfg.task)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = cfg.client_models()
+    shared = shared_parameter_names([*models, cfg.server_model], lambda m: task.build_model(m, cfg))
+    torch.manual_seed(cfg.seed)
+    server_state = task.build_model(cfg.server_model, cfg).state_dict()
+    global_arrays = {k: server_state[k].clone() for k in shared}
+    private: dict[int, dict[str, torch.Tensor]] = {}
+    rows = []
+    assert cfg.rounds is not None
+    for rnd in range(1, cfg.rounds + 1):
+        replies, train_metrics = [], {}
+        for pid in range(cfg.clients):
+            torch.manual_seed(cfg.seed * 1000 + pid)
+            model = task.build_model(models[pid], cfg)
+            if pid in private:
+                model.load_state_dict(private[pid])
+            model.load_state_dict(global_arrays, strict=False)
+            res = task.train(model, cfg, pid, rnd, dev)
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            private[pid] = state
+            replies.append({k: state[k] for k in shared})
+            train_metrics[pid] = res.metrics
+        global_arrays = {
+            k: torch.from_numpy(np.mean([r[k].numpy() for r in replies], axis=0).astype(replies[0][k].numpy().dtype))
+            for k in shared
+        }
+        clients = []
+        for pid in range(cfg.clients):
+            model = task.build_model(models[pid], cfg)
+            model.load_state_dict(private[pid])
+            model.load_state_dict(global_arrays, strict=False)
+            ev = task.evaluate_local(model, cfg, pid, dev)
+            clients.append({"client": pid, "train_accuracy": train_metrics[pid]["accuracy"], "test_accuracy": ev.metrics["accuracy"]})
+        rows.append({"round": rnd, "clients": clients})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--scenario", type=int, default=1)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    enable_console_logging()
+    cfg = RunConfig(scenario=args.scenario, profile=args.profile, rounds=args.rounds, strategy="equal_avg").resolve()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = dataclasses.replace(cfg, out=str(Path(tmp) / "run"))
+        t0 = time.perf_counter()
+        run_simulation(run_cfg)
+        t_fedsim = time.perf_counter() - t0
+        fed_rows = RunDir(run_cfg.out).read_metrics()
+
+    t0 = time.perf_counter()
+    plain_rows = plain_loop(cfg)
+    t_plain = time.perf_counter() - t0
+
+    final_fed = [(c["train_accuracy"], c["test_accuracy"]) for c in fed_rows[-1]["clients"]]
+    final_plain = [(c["train_accuracy"], c["test_accuracy"]) for c in plain_rows[-1]["clients"]]
+    result = {
+        "profile": cfg.profile,
+        "scenario": cfg.scenario,
+        "rounds": cfg.rounds,
+        "local_epochs": cfg.local_epochs,
+        "clients": list(cfg.client_models()),
+        "fedsim_seconds": round(t_fedsim, 2),
+        "plain_seconds": round(t_plain, 2),
+        "ratio": round(t_fedsim / t_plain, 3),
+        "final_metrics_equal": final_fed == final_plain,
+        "final_fedsim": final_fed,
+        "final_plain": final_plain,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"overhead-{cfg.profile}-s{cfg.scenario}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

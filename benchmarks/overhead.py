@@ -3,8 +3,8 @@
 Both runs use the same config (models, data, epochs, seed) and the same task code (the
 ``brain_mri`` task's train/evaluate functions); the plain loop does the federation by hand in one
 process (equal-weighted averaging of the shared parameters, private state kept in a dict), with
-no Flower and no Ray. Prints both wall times, their ratio, and whether the final per-client
-metrics agree; writes ``benchmarks/results/overhead-<profile>-s<scenario>.json``.
+no Flower and no Ray. Prints both wall times, their ratio, whether the final per-client metrics
+agree and the largest difference between the final global parameters (0.0: identical); writes ``benchmarks/results/overhead-<profile>-s<scenario>.json``.
 
     python benchmarks/overhead.py --profile quick --scenario 1
 """
@@ -31,8 +31,10 @@ from fedsim.server.rundir import RunDir
 from fedsim.simulation import run_simulation
 
 
-def plain_loop(cfg: RunConfig) -> list[dict]:
-    """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop."""
+def plain_loop(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop.
+
+    Returns the per-round client metrics and the final aggregated (global) parameters."""
     task = get_task(cfg.task)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = cfg.client_models()
@@ -68,7 +70,7 @@ def plain_loop(cfg: RunConfig) -> list[dict]:
             ev = task.evaluate_local(model, cfg, pid, dev)
             clients.append({"client": pid, "train_accuracy": train_metrics[pid]["accuracy"], "test_accuracy": ev.metrics["accuracy"]})
         rows.append({"round": rnd, "clients": clients})
-    return rows
+    return rows, global_arrays
 
 
 def main() -> None:
@@ -87,11 +89,13 @@ def main() -> None:
         run_simulation(run_cfg)
         t_fedsim = time.perf_counter() - t0
         fed_rows = RunDir(run_cfg.out).read_metrics()
+        fed_params = RunDir(run_cfg.out).load_params()
 
     t0 = time.perf_counter()
-    plain_rows = plain_loop(cfg)
+    plain_rows, plain_params = plain_loop(cfg)
     t_plain = time.perf_counter() - t0
 
+    max_param_diff = max(float(np.abs(fed_params[k] - plain_params[k].numpy()).max()) for k in fed_params)
     final_fed = [(c["train_accuracy"], c["test_accuracy"]) for c in fed_rows[-1]["clients"]]
     final_plain = [(c["train_accuracy"], c["test_accuracy"]) for c in plain_rows[-1]["clients"]]
     result = {
@@ -104,6 +108,7 @@ def main() -> None:
         "plain_seconds": round(t_plain, 2),
         "ratio": round(t_fedsim / t_plain, 3),
         "final_metrics_equal": final_fed == final_plain,
+        "max_abs_diff_final_params": max_param_diff,
         "final_fedsim": final_fed,
         "final_plain": final_plain,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

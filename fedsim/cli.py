@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", type=_names, default=(), help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn")
     run.add_argument("--server-model", default="", help="server model (default: resnet50, or the clients' model if all equal)")
     run.add_argument("--site-styles", action="store_true", help="give each hospital its own synthetic scanner style")
-    run.add_argument("--proximal-mu", type=float, default=d.proximal_mu, help="FedProx mu (default: %(default)s)")
+    run.add_argument("--fedprox-mu", type=float, default=d.fedprox_mu, help="FedProx proximal weight mu, used by --strategy fedprox (default: %(default)s)")
     run.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam server learning rate (default: %(default)s)")
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")

@@ -91,7 +91,7 @@ class RunConfig:
     models: tuple[str, ...] = ()
     server_model: str = ""
     site_styles: bool = False
-    proximal_mu: float = 0.01
+    fedprox_mu: float = 0.01
     server_lr: float = 0.01
     global_test_fraction: float = 0.15
     local_test_fraction: float = 0.2
@@ -109,9 +109,9 @@ class RunConfig:
         for name in ("rounds", "local_epochs", "image_size", "num_samples", "batch_size"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("lr", "proximal_mu", "server_lr", "alpha"):
+        for name in ("lr", "fedprox_mu", "server_lr", "alpha"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0 or (name == "proximal_mu" and value == 0)):
+            if value is not None and not (math.isfinite(value) and value > 0 or (name == "fedprox_mu" and value == 0)):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
         for name in ("global_test_fraction", "local_test_fraction"):
             if not 0 < getattr(self, name) < 1:

@@ -2,7 +2,7 @@
 
 * ``fedavg``: sample-weighted FedAvg (McMahan et al.), weights = ``num-examples``;
 * ``fedprox``: FedAvg + the proximal term ``mu/2 ||w - w_global||^2`` that fedsim's clients add to
-  their loss (Flower sends ``proximal-mu`` in the train config); ``mu`` = ``cfg.proximal_mu``;
+  their loss (Flower sends ``proximal-mu`` in the train config); ``mu`` = ``cfg.fedprox_mu``;
 * ``fedadam``: server-side Adam on the aggregated update (Reddi et al.), ``eta`` = ``cfg.server_lr``.
 """
 
@@ -21,7 +21,7 @@ def build_fedavg(cfg: RunConfig, options: StrategyOptions) -> FedAvg:
 
 @register_strategy("fedprox")
 def build_fedprox(cfg: RunConfig, options: StrategyOptions) -> FedProx:
-    return FedProx(proximal_mu=cfg.proximal_mu, **options.fedavg_kwargs())
+    return FedProx(proximal_mu=cfg.fedprox_mu, **options.fedavg_kwargs())
 
 
 @register_strategy("fedadam")

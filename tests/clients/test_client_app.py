@@ -74,6 +74,15 @@ def test_fedprox_term_keeps_weights_near_the_global_model(tiny_cfg):
     assert drift(100.0) < 0.5 * drift(0.0)
 
 
+def test_fedprox_mu_in_run_config_alone_adds_no_proximal_term(tiny_cfg):
+    """Only Flower's FedProx puts ``proximal-mu`` into the train config; fedsim's own
+    ``fedprox-mu`` field must not switch the term on for other strategies."""
+    cfg = dataclasses.replace(tiny_cfg, fedprox_mu=100.0)
+    a = client_app.train(_message(cfg, HEAD_KEYS), _context(0)).content["arrays"]["head.fc2.weight"].numpy()
+    b = client_app.train(_message(tiny_cfg, HEAD_KEYS), _context(0)).content["arrays"]["head.fc2.weight"].numpy()
+    np.testing.assert_array_equal(a, b)
+
+
 def test_missing_partition_id_is_a_clear_error(tiny_cfg):
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ConfigError, match="--node-config 'partition-id=0 num-partitions=3'"):

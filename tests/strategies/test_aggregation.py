@@ -57,7 +57,7 @@ def test_equal_and_sample_weights_coincide_for_equal_sizes():
 
 def test_registry_builds_flower_strategies():
     assert list_strategies() == ["equal_avg", "fedadam", "fedavg", "fedprox"]
-    cfg = RunConfig(profile="tiny", proximal_mu=0.3, server_lr=0.05)
+    cfg = RunConfig(profile="tiny", fedprox_mu=0.3, server_lr=0.05)
     opts = StrategyOptions(num_nodes=3)
     s = {name: build_strategy(RunConfig(**{**cfg.__dict__, "strategy": name}), opts) for name in list_strategies()}
     assert type(s["equal_avg"]) is EqualWeightFedAvg and type(s["fedavg"]) is FedAvg

@@ -2,7 +2,7 @@
 
 Both runs use the same config (models, data, epochs, seed) and the same task code (the
 ``brain_mri`` task's train/evaluate functions); the plain loop does the federation by hand in one
-process (equal-weighted averaging of the shared parameters, private state kept in a dict), with
+process (equal-weighted averaging of the shared parameters, client models kept in memory), with
 no Flower and no Ray. Prints both wall times, their ratio, whether the final per-client metrics
 agree and the largest difference between the final global parameters (0.0: identical); writes ``benchmarks/results/overhead-<profile>-s<scenario>.json``.
 
@@ -32,7 +32,8 @@ from fedsim.simulation import run_simulation
 
 
 def plain_loop(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop.
+    """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop that keeps
+    every client's model in memory.
 
     Returns the per-round client metrics and the final aggregated (global) parameters."""
     task = get_task(cfg.task)
@@ -42,30 +43,26 @@ def plain_loop(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
     torch.manual_seed(cfg.seed)
     server_state = task.build_model(cfg.server_model, cfg).state_dict()
     global_arrays = {k: server_state[k].clone() for k in shared}
-    private: dict[int, dict[str, torch.Tensor]] = {}
+    nets: dict[int, torch.nn.Module] = {}
+    for pid in range(cfg.clients):  # same private initialisation as fedsim's clients
+        torch.manual_seed(cfg.seed * 1000 + pid)
+        nets[pid] = task.build_model(models[pid], cfg)
     rows = []
     assert cfg.rounds is not None
     for rnd in range(1, cfg.rounds + 1):
         replies, train_metrics = [], {}
-        for pid in range(cfg.clients):
-            torch.manual_seed(cfg.seed * 1000 + pid)
-            model = task.build_model(models[pid], cfg)
-            if pid in private:
-                model.load_state_dict(private[pid])
+        for pid, model in nets.items():
             model.load_state_dict(global_arrays, strict=False)
-            res = task.train(model, cfg, pid, rnd, dev)
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            private[pid] = state
-            replies.append({k: state[k] for k in shared})
-            train_metrics[pid] = res.metrics
+            train_metrics[pid] = task.train(model, cfg, pid, rnd, dev).metrics
+            replies.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in global_arrays})
         global_arrays = {
             k: torch.from_numpy(np.mean([r[k].numpy() for r in replies], axis=0).astype(replies[0][k].numpy().dtype))
             for k in shared
         }
         clients = []
-        for pid in range(cfg.clients):
-            model = task.build_model(models[pid], cfg)
-            model.load_state_dict(private[pid])
+        for pid, model in nets.items():
+            # evaluate the received global arrays on top of the private state, as fedsim's clients
+            # do, without changing the model that trains next round (it receives them anyway)
             model.load_state_dict(global_arrays, strict=False)
             ev = task.evaluate_local(model, cfg, pid, dev)
             clients.append({"client": pid, "train_accuracy": train_metrics[pid]["accuracy"], "test_accuracy": ev.metrics["accuracy"]})

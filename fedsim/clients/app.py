@@ -52,23 +52,26 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None, torch.nn.Module, ArrayRecord]:
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
+    """Config, identity, the model (private state + received shared arrays) and those arrays."""
     enable_console_logging()
     cfg = RunConfig.from_flower(msg.content["config"])
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
-    torch.manual_seed(cfg.seed * 1000 + pid)  # private initialisation, reproducible per client
-    model = task.build_model(cfg.model_for(pid), cfg)
-    if STATE_KEY in context.state:
-        model.load_state_dict(context.state[STATE_KEY].to_torch_state_dict())
-    shared: ArrayRecord = msg.content["arrays"]
+    if STATE_KEY in context.state:  # later rounds: no random init, take the stored tensors as they are
+        with torch.device("meta"):
+            model = task.build_model(cfg.model_for(pid), cfg)
+        model.load_state_dict(context.state[STATE_KEY].to_torch_state_dict(), assign=True)
+    else:  # first round: private initialisation, reproducible per client
+        torch.manual_seed(cfg.seed * 1000 + pid)
+        model = task.build_model(cfg.model_for(pid), cfg)
     own = model.state_dict()
-    incoming = shared.to_torch_state_dict()
+    incoming = msg.content["arrays"].to_torch_state_dict()
     bad = [k for k, v in incoming.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"client {pid} ({cfg.model_for(pid)}) cannot take shared arrays {bad[:5]}: unknown name or shape")
     model.load_state_dict(incoming, strict=False)
-    return cfg, pid, data_dir, model, shared
+    return cfg, pid, data_dir, model, incoming
 
 
 @app.train()
@@ -76,15 +79,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir, model, shared = _prepare(msg, context)
     task = get_task(cfg.task)
     server_round = int(msg.content["config"].get("server-round", 0))
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    anchor = {k: v.clone() for k, v in shared.to_torch_state_dict().items()} if mu > 0 else None
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx only
+    anchor = shared if mu > 0 else None
     result = task.train(
         model, cfg, pid, server_round, device(), callbacks=[ProgressLogger()],
         proximal_mu=mu, data_dir=data_dir, anchor=anchor,
     )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     context.state[STATE_KEY] = ArrayRecord(state)
-    reply_arrays = ArrayRecord({k: state[k] for k in shared.keys()})
+    reply_arrays = ArrayRecord({k: state[k] for k in shared})
     metrics = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
     return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

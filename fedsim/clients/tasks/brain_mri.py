@@ -32,7 +32,7 @@ from fedsim.models import build_model
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(image_size=32, num_samples=120, rounds=2, local_epochs=1, batch_size=16, lr=1e-3),
-    "quick": Profile(image_size=64, num_samples=480, rounds=5, local_epochs=2, batch_size=16, lr=1e-3),
+    "quick": Profile(image_size=64, num_samples=960, rounds=6, local_epochs=2, batch_size=16, lr=1e-3),
     "paper": Profile(image_size=224, num_samples=3264, rounds=10, local_epochs=10, batch_size=32, lr=1e-3),
 }
 

@@ -25,6 +25,7 @@ import torch
 
 from fedsim._logging import enable_console_logging
 from fedsim.clients.tasks import get_task
+from fedsim.clients.training import ProgressLogger
 from fedsim.config import RunConfig
 from fedsim.models.sharing import shared_parameter_names
 from fedsim.server.rundir import RunDir
@@ -53,7 +54,7 @@ def plain_loop(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
         replies, train_metrics = [], {}
         for pid, model in nets.items():
             model.load_state_dict(global_arrays, strict=False)
-            train_metrics[pid] = task.train(model, cfg, pid, rnd, dev).metrics
+            train_metrics[pid] = task.train(model, cfg, pid, rnd, dev, callbacks=[ProgressLogger()]).metrics
             replies.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in global_arrays})
         global_arrays = {
             k: torch.from_numpy(np.mean([r[k].numpy() for r in replies], axis=0).astype(replies[0][k].numpy().dtype))

@@ -5,7 +5,8 @@ Each round the client
 1. rebuilds its model and restores its **private** state (backbone, BatchNorm statistics, any
    unshared head layers) from ``Context.state``, which Flower keeps across rounds both in
    simulation and in deployment (where every message starts a new process);
-2. overwrites the shared parameters with the arrays the server sent (the allow-list);
+2. overwrites the shared parameters with the arrays the server sent (the allow-list); only the
+   private tensors are stored in ``Context.state``, since the shared ones come with every message;
 3. trains ``local_epochs`` epochs on its local split (``train``) or evaluates on its local test
    split (``evaluate``);
 4. after training, stores its full state back into ``Context.state`` and replies with exactly
@@ -58,20 +59,26 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None
     cfg = RunConfig.from_flower(msg.content["config"])
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
-    if STATE_KEY in context.state:  # later rounds: no random init, take the stored tensors as they are
+    incoming = msg.content["arrays"].to_torch_state_dict()
+    if STATE_KEY in context.state:  # later rounds: private tensors + received ones, no random init
         with torch.device("meta"):
             model = task.build_model(cfg.model_for(pid), cfg)
-        model.load_state_dict(context.state[STATE_KEY].to_torch_state_dict(), assign=True)
+        full = {**context.state[STATE_KEY].to_torch_state_dict(), **incoming}
+        _check_shapes(model, incoming, pid, cfg)
+        model.load_state_dict(full, assign=True)
     else:  # first round: private initialisation, reproducible per client
         torch.manual_seed(cfg.seed * 1000 + pid)
         model = task.build_model(cfg.model_for(pid), cfg)
+        _check_shapes(model, incoming, pid, cfg)
+        model.load_state_dict(incoming, strict=False)
+    return cfg, pid, data_dir, model, incoming
+
+
+def _check_shapes(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: RunConfig) -> None:
     own = model.state_dict()
-    incoming = msg.content["arrays"].to_torch_state_dict()
     bad = [k for k, v in incoming.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"client {pid} ({cfg.model_for(pid)}) cannot take shared arrays {bad[:5]}: unknown name or shape")
-    model.load_state_dict(incoming, strict=False)
-    return cfg, pid, data_dir, model, incoming
 
 
 @app.train()
@@ -80,13 +87,16 @@ def train(msg: Message, context: Context) -> Message:
     task = get_task(cfg.task)
     server_round = int(msg.content["config"].get("server-round", 0))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx only
-    anchor = shared if mu > 0 else None
+    # the received tensors became the model's own (assign=True): copy them before training moves them
+    anchor = {k: v.detach().clone() for k, v in shared.items()} if mu > 0 else None
     result = task.train(
         model, cfg, pid, server_round, device(), callbacks=[ProgressLogger()],
         proximal_mu=mu, data_dir=data_dir, anchor=anchor,
     )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    context.state[STATE_KEY] = ArrayRecord(state)
+    # Only the private tensors are kept: the shared ones arrive with every message. Context.state
+    # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
+    context.state[STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in shared})
     reply_arrays = ArrayRecord({k: state[k] for k in shared})
     metrics = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})

@@ -80,7 +80,7 @@ def train_classifier(
     ``flip_generator`` enables random left-right flips (seeded) as augmentation.
     """
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)  # multi-tensor: faster on CPU too
     loss_fn = nn.CrossEntropyLoss()
     prox: list[tuple[torch.Tensor, torch.Tensor]] = []
     if proximal_mu > 0 and anchor:

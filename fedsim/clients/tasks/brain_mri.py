@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsim._logging import logger
 from fedsim.clients.tasks import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
 from fedsim.clients.training import TrainCallback, TrainInfo, evaluate_classifier, train_classifier
@@ -86,7 +87,9 @@ def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int) -> tupl
     """Images (N, H, W) uint8 and labels; cached per process purely for speed (deterministic)."""
     if data_dir:
         files = scan_image_folder(data_dir)
+        logger.info("reading %d images from %s at %d px", len(files.paths), data_dir, image_size)
         return load_images(files, image_size), files.labels
+    logger.info("generating the synthetic cohort: %d images at %d px (seed %d)", num_samples, image_size, seed)
     return generate_cohort(num_samples, image_size, seed)
 
 

@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
+    from fedsim.server.app import ClientFailedError, NodeTimeoutError
     from fedsim.server.rundir import RunDirExistsError
 
     args = build_parser().parse_args(argv)
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, FileNotFoundError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
+    except (ClientFailedError, NodeTimeoutError) as exc:
+        print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedsim.server.app import NodeTimeoutError, OrderedGrid, wait_for_nodes
+from fedsim.server.app import ClientFailedError, NodeTimeoutError, OrderedGrid, wait_for_nodes
 from fedsim.server.recorder import RoundRecorder
 from fedsim.server.rundir import RunDir
 
@@ -37,6 +37,13 @@ def test_ordered_grid_sorts_by_partition_and_delegates():
     grid = OrderedGrid(FakeGrid([1], [_reply(2, **{"num-examples": 1}), _reply(0, **{"num-examples": 1}), _reply(1, **{"num-examples": 1})]))
     assert [int(m.content["metrics"]["partition-id"]) for m in grid.send_and_receive([])] == [0, 1, 2]
     assert grid.extra == "delegated" and grid.get_node_ids() == [1]
+
+
+def test_ordered_grid_stops_on_client_error():
+    failed = Message(Error(code=0, reason="cannot read image /data/x.jpg"), reply_to=_reply(1))
+    grid = OrderedGrid(FakeGrid([1], [_reply(0, **{"num-examples": 1}), failed]))
+    with pytest.raises(ClientFailedError, match="1 of 2 clients failed: node .*cannot read image /data/x.jpg"):
+        grid.send_and_receive([])
 
 
 def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):

@@ -63,22 +63,25 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None
     if STATE_KEY in context.state:  # later rounds: private tensors + received ones, no random init
         with torch.device("meta"):
             model = task.build_model(cfg.model_for(pid), cfg)
+        incoming = _conform(model, incoming, pid, cfg)
         full = {**context.state[STATE_KEY].to_torch_state_dict(), **incoming}
-        _check_shapes(model, incoming, pid, cfg)
         model.load_state_dict(full, assign=True)
     else:  # first round: private initialisation, reproducible per client
         torch.manual_seed(cfg.seed * 1000 + pid)
         model = task.build_model(cfg.model_for(pid), cfg)
-        _check_shapes(model, incoming, pid, cfg)
+        incoming = _conform(model, incoming, pid, cfg)
         model.load_state_dict(incoming, strict=False)
     return cfg, pid, data_dir, model, incoming
 
 
-def _check_shapes(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: RunConfig) -> None:
+def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Check names/shapes of received arrays and cast them to the model's dtypes (server-side
+    optimisers such as FedAdam return float64)."""
     own = model.state_dict()
     bad = [k for k, v in incoming.items() if k not in own or own[k].shape != v.shape]
     if bad:
         raise ValueError(f"client {pid} ({cfg.model_for(pid)}) cannot take shared arrays {bad[:5]}: unknown name or shape")
+    return {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in incoming.items()}
 
 
 @app.train()

@@ -100,3 +100,13 @@ def test_wrong_shared_shapes_are_refused(tiny_cfg):
     msg.content["arrays"] = ArrayRecord({"head.out.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match=r"cannot take shared arrays \['head.out.weight'\]"):
         client_app.train(msg, _context(0))
+
+
+def test_float64_arrays_from_server_optimisers_are_cast(tiny_cfg):
+    """FedAdam returns float64 arrays; the client trains in its own dtype (float32)."""
+    ctx = _context(0)
+    client_app.train(_message(tiny_cfg, HEAD_KEYS), ctx)
+    msg = _message(tiny_cfg, HEAD_KEYS, server_round=2)
+    msg.content["arrays"] = ArrayRecord({k: v.double() for k, v in msg.content["arrays"].to_torch_state_dict().items()})
+    reply = client_app.train(msg, ctx)
+    assert all(reply.content["arrays"][k].numpy().dtype == np.float32 for k in HEAD_KEYS)

@@ -5,12 +5,12 @@ Each round the client
 1. rebuilds its model and restores its **private** state (backbone, BatchNorm statistics, any
    unshared head layers) from ``Context.state``, which Flower keeps across rounds both in
    simulation and in deployment (where every message starts a new process);
-2. overwrites the shared parameters with the arrays the server sent (the allow-list); only the
-   private tensors are stored in ``Context.state``, since the shared ones come with every message;
+2. overwrites the shared parameters with the arrays the server sent (the allow-list);
 3. trains ``local_epochs`` epochs on its local split (``train``) or evaluates on its local test
    split (``evaluate``);
-4. after training, stores its full state back into ``Context.state`` and replies with exactly
-   the keys it received, plus ``num-examples`` and its metrics.
+4. after training, stores its private tensors (everything but the shared keys, which arrive with
+   every message) in ``Context.state`` and replies with exactly the keys it received, plus
+   ``num-examples`` and its metrics.
 
 The run configuration arrives in the message's ``config`` record (sent by the ServerApp), so
 clients need no local configuration except their identity: ``partition-id`` and

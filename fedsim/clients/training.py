@@ -94,8 +94,8 @@ def train_classifier(
         for xb, yb in loader:
             x, y = to_input(xb, device), yb.to(device)
             if flip_generator is not None:
-                flip = torch.rand(len(x), generator=flip_generator) < 0.5
-                x[flip.to(device)] = x[flip.to(device)].flip(-1)
+                flip = (torch.rand(len(x), generator=flip_generator) < 0.5).to(device)
+                x[flip] = x[flip].flip(-1)
             opt.zero_grad(set_to_none=True)
             logits = model(x)
             loss = loss_fn(logits, y)

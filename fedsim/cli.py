@@ -59,13 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
+    run.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
+                     help="task-specific option, repeatable (see 'fedsim list')")
+    cme = run.add_argument_group("CME recording (conversational memory elements, CME paper section 3.1)")
+    cme.add_argument("--cme", action="store_true", help="record per-epoch CMEs (relative weight changes) for 'fedsim analyze'")
+    cme.add_argument("--cme-layers", type=_names, default=(), help="name patterns of layers whose full CME matrix is archived (default: the task's, e.g. head.fc2.weight)")
+    cme.add_argument("--cme-threshold", type=float, default=d.cme_threshold, help="weights with |w| below this are masked out of CME statistics (default: %(default)s)")
+    cme.add_argument("--cme-max-size", type=int, default=d.cme_max_size, help="larger CME matrices are subsampled (seeded) to at most this many rows and columns (default: %(default)s)")
+    cme.add_argument("--cme-biases", action="store_true", help="also record 1-D bias vectors")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
     return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    from fedsim.config import parse_key_values
+
     fields = {k: v for k, v in vars(args).items() if k != "command"}
+    fields["task_options"] = parse_key_values(fields.get("task_options", ()))
     return RunConfig(**fields)
 
 
@@ -77,7 +88,11 @@ def _cmd_list() -> None:
 
     print("tasks:", ", ".join(TASKS.names()))
     for name in TASKS.names():
-        print(f"  {name} profiles:", ", ".join(TASKS.get(name).profiles))
+        task = TASKS.get(name)
+        print(f"  {name}: profiles {', '.join(task.profiles)}; models {', '.join(task.model_choices())}")
+        if task.options_type is not None:
+            opts = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(task.options_type))
+            print(f"    --task-option: {opts}")
     print("scenarios:")
     for s in SCENARIOS.values():
         print(f"  {s.number}: {s.description} ({s.partition}; clients {', '.join(s.client_models)}; server {s.server_model})")
@@ -88,6 +103,7 @@ def _cmd_list() -> None:
 
 def _cmd_run(cfg: RunConfig) -> None:
     from fedsim._logging import enable_console_logging
+    from fedsim.clients.tasks import get_task
     from fedsim.server.app import default_out_dir
     from fedsim.server.rundir import METRICS_FILE, RunDir
     from fedsim.simulation import run_simulation
@@ -100,9 +116,13 @@ def _cmd_run(cfg: RunConfig) -> None:
     if not rows:
         raise RuntimeError(f"the run wrote no metrics to {out / METRICS_FILE}")
     last = rows[-1]
+    metric = get_task(cfg.task).primary_metric
     print(f"\nfedsim: {len(rows)} rounds finished; outputs in {out}")
     for c in last["clients"]:
-        print(f"  client {c['client']} {c['model']:<13} train acc {c.get('train_accuracy', float('nan')):.3f}  local test acc {c.get('test_accuracy', float('nan')):.3f}")
+        print(
+            f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
+            f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
+        )
     if last.get("global"):
         print(f"  global model: {json.dumps(last['global'])}")
 

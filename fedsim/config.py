@@ -99,6 +99,12 @@ class RunConfig:
     client_gpus: float | None = None
     node_timeout: float = 120.0
     round_timeout: float = 3600.0
+    task_options: tuple[tuple[str, Any], ...] = ()
+    cme: bool = False
+    cme_layers: tuple[str, ...] = ()
+    cme_threshold: float = 1e-3
+    cme_max_size: int = 256
+    cme_biases: bool = False
     extra: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +132,11 @@ class RunConfig:
             raise ConfigError(f"models lists {len(self.models)} models for {self.clients} clients; give one per client")
         if self.fractions and len(self.fractions) != self.clients:
             raise ConfigError(f"fractions lists {len(self.fractions)} values for {self.clients} clients; give one per client")
+        if not (math.isfinite(self.cme_threshold) and self.cme_threshold >= 0):
+            raise ConfigError(f"cme_threshold must be a number >= 0, got {self.cme_threshold}")
+        _positive_int("cme_max_size", self.cme_max_size)
+        if self.cme_max_size < 2:
+            raise ConfigError(f"cme_max_size must be >= 2 (a covariance needs two rows), got {self.cme_max_size}")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 pixels, got {self.image_size}")
 
@@ -151,9 +162,12 @@ class RunConfig:
         filled = {n: getattr(prof, n) for n in PROFILE_FIELDS if getattr(self, n) is None}
         if self.partition is None:
             filled["partition"] = self.scenario_spec.partition
+        models = self.models
+        if not models and task.default_model is not None:  # a task with one architecture (3D tasks)
+            models = filled["models"] = (task.default_model,) * self.clients
         if not self.server_model:
-            same = self.models and len(set(self.models)) == 1
-            filled["server_model"] = self.models[0] if same else self.scenario_spec.server_model
+            same = models and len(set(models)) == 1
+            filled["server_model"] = models[0] if same else self.scenario_spec.server_model
         if self.client_gpus is None:
             filled["client_gpus"] = 1.0 if _cuda_available() else 0.0
         cfg = dataclasses.replace(self, **filled)
@@ -163,17 +177,19 @@ class RunConfig:
     def validate_names(self) -> None:
         from fedsim.clients.tasks import get_task
         from fedsim.data.partition import PARTITIONERS
-        from fedsim.models import MODELS
         from fedsim.strategies import STRATEGIES
 
-        get_task(self.task)
+        task = get_task(self.task)
+        task.options(self)  # unknown keys / bad values -> ConfigError
         STRATEGIES.get(self.strategy)
         if self.partition is not None:
             PARTITIONERS.get(self.partition)
             if self.partition == "sizes" and not self.fractions:
                 raise ConfigError("partition 'sizes' needs fractions, one per client (e.g. --fractions 0.5,0.3,0.2)")
+        choices = task.model_choices()
         for m in (*self.client_models(), *([self.server_model] if self.server_model else [])):
-            MODELS.get(m)
+            if m not in choices:
+                raise UnknownNameError(f"unknown model {m!r} for task {self.task!r}; valid choices: {', '.join(choices)}")
 
     # ------------------------------------------------------------------ Flower mapping
     def to_flower(self) -> dict[str, bool | int | float | str | list[float] | list[str]]:
@@ -183,6 +199,8 @@ class RunConfig:
             value = getattr(self, f.name)
             if f.name == "extra" or value is None or value == ():
                 continue
+            if f.name == "task_options":
+                value = ",".join(f"{k}={v}" for k, v in value)
             out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -222,7 +240,9 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         return None if float(value) < 0 else float(value)
     if "None" in str(f.type) and value in (0, 0.0, ""):
         return None
-    if f.name in ("fractions", "models"):
+    if f.name == "task_options":
+        return parse_key_values(value)
+    if f.name in ("fractions", "models", "cme_layers"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         conv = float if f.name == "fractions" else str
@@ -238,10 +258,27 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     return value
 
 
+def parse_key_values(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``"a=1,b=x"`` (or an iterable of ``"k=v"`` strings / pairs) -> ``(("a", "1"), ("b", "x"))``."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    pairs = []
+    for item in value:
+        if isinstance(item, str):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"task options must look like key=value, got {item!r}")
+            pairs.append((key.strip(), val.strip()))
+        else:
+            key, val = item
+            pairs.append((str(key), val))
+    return tuple(pairs)
+
+
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-__all__ = ["SCENARIOS", "ConfigError", "Profile", "RunConfig", "Scenario", "UnknownNameError"]
+__all__ = ["SCENARIOS", "ConfigError", "Profile", "RunConfig", "Scenario", "UnknownNameError", "parse_key_values"]

@@ -41,7 +41,7 @@ class TrainCallback:
 
 
 class ProgressLogger(TrainCallback):
-    """Logs one line per local epoch: round, client, epoch, loss, accuracy and seconds."""
+    """Logs one line per local epoch: round, client, epoch, the task's metrics and seconds."""
 
     def on_train_start(self, model: nn.Module, info: TrainInfo) -> None:
         self._t = time.perf_counter()
@@ -49,9 +49,9 @@ class ProgressLogger(TrainCallback):
     def on_epoch_end(self, model: nn.Module, info: TrainInfo, epoch: int, metrics: Mapping[str, float]) -> None:
         now = time.perf_counter()
         logger.info(
-            "round %d client %d (%s) epoch %d/%d: loss %.4f acc %.3f (%.1fs)",
+            "round %d client %d (%s) epoch %d/%d: %s (%.1fs)",
             info.server_round, info.partition_id, info.model_name, epoch, info.epochs,
-            metrics["loss"], metrics["accuracy"], now - self._t,
+            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), now - self._t,
         )  # fmt: skip
         self._t = now
 

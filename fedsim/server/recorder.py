@@ -16,14 +16,13 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedsim._logging import logger
 from fedsim.server.rundir import RunDir
 
-#: Client metric keys -> metrics.jsonl field names.
-_FIELDS = {
-    "num-examples": None,
-    "train-loss": "train_loss",
-    "train-accuracy": "train_accuracy",
-    "test-loss": "test_loss",
-    "test-accuracy": "test_accuracy",
-}
+
+def _field(key: str) -> str | None:
+    """Client metric key -> metrics.jsonl field: ``train-loss`` -> ``train_loss``,
+    ``test-sdr-2.5mm`` -> ``test_sdr_2.5mm``; bookkeeping keys (``num-examples``) -> None."""
+    if key.startswith(("train-", "test-")):
+        return key.replace("-", "_")
+    return None
 
 
 def _metrics(rd: RecordDict) -> MetricRecord:
@@ -75,12 +74,11 @@ class RoundRecorder:
             row["num_examples"] = int(tr.get("num-examples", 0))
             row["num_test_examples"] = int(ev.get("num-examples", 0))
             for src in (tr, ev):
-                row.update({_FIELDS[k]: float(v) for k, v in src.items() if _FIELDS.get(k)})
+                row.update({_field(k): float(v) for k, v in src.items() if _field(k)})
             clients.append(row)
             logger.info(
-                "round %d client %d (%s): train loss %.4f acc %.3f | local test acc %s",
-                server_round, pid, row["model"], row.get("train_loss", float("nan")),
-                row.get("train_accuracy", float("nan")), _opt(row.get("test_accuracy")),
+                "round %d client %d (%s): %s", server_round, pid, row["model"],
+                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train_", "test_"))),
             )  # fmt: skip
         if glob:
             logger.info("round %d global model: %s", server_round, _fmt(glob))
@@ -96,7 +94,3 @@ def _strip(m: dict[str, float] | None) -> dict[str, float] | None:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-
-
-def _opt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"

@@ -32,7 +32,7 @@ from fedsim.data.synthetic_mri import CLASS_NAMES, apply_site_style, generate_co
 from fedsim.models import build_model
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(image_size=32, num_samples=120, rounds=2, local_epochs=1, batch_size=16, lr=1e-3),
+    "tiny": Profile(image_size=32, num_samples=120, rounds=2, local_epochs=2, batch_size=16, lr=1e-3),
     "quick": Profile(image_size=64, num_samples=960, rounds=6, local_epochs=2, batch_size=16, lr=1e-3),
     "paper": Profile(image_size=224, num_samples=3264, rounds=10, local_epochs=10, batch_size=32, lr=1e-3),
 }

@@ -39,13 +39,15 @@ from fedsim.registry import Registry
 
 #: Splits of the attention variants: which anatomical halves attend to each other.
 SPLITS = ("hemiretinal", "neuronaxon", "hemiretinal_neuronaxon")
-_EPS = 1e-5  # as the authors: map / (max + eps), so an all-zero map stays zero
 
 
 def normalise_map(m: torch.Tensor) -> torch.Tensor:
-    """ReLU, then divide each sample by its maximum (``m``: ``(B, ...)``); all-zero maps stay zero."""
+    """ReLU, then divide each sample by its maximum (``m``: ``(B, ...)``), so every map peaks at
+    exactly 1; all-zero maps stay zero. (The authors divide by ``max + 1e-5``, which leaves maps
+    with a small maximum well below 1.)"""
     m = F.relu(m)
-    return m / (m.flatten(1).amax(1).view(-1, *([1] * (m.dim() - 1))) + _EPS)
+    peak = m.flatten(1).amax(1).view(-1, *([1] * (m.dim() - 1)))
+    return m / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 class CrossCovarianceAttention(nn.Module):

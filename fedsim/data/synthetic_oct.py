@@ -58,8 +58,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def synth_volume(shape: tuple[int, int, int], label: int, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic OCT volume (uint8, ``shape`` = (D, H, W)) of class ``label``."""
+def synth_volume(
+    shape: tuple[int, int, int], label: int, rng: np.random.Generator, noise: bool = True, anatomy: dict | None = None
+) -> np.ndarray:
+    """One synthetic OCT volume (uint8, ``shape`` = (D, H, W)) of class ``label``.
+
+    The random draws happen in the same order for both classes, so one ``rng`` state gives the
+    same subject geometry with either label (handy for tests). ``noise=False`` skips speckle,
+    noise and brightness jitter; ``anatomy``, if given, is filled with the subject's maps:
+    ``rnfl`` and ``surface`` (``(D, W)``, pixels), ``cdr``, ``disc`` (centre ``(d, w)`` index).
+    """
     d, h, w = shape
     y = np.linspace(-1.0, 1.0, d)[:, None, None]  # superior (-1) -> inferior (+1)
     x = np.linspace(0.0, 1.0, w)[None, None, :]  # macula half < 0.5 < nerve half
@@ -116,9 +124,14 @@ def synth_volume(shape: tuple[int, int, int], label: int, rng: np.random.Generat
         vol = vol + step * _sigmoid((z - b) / edge)
     vol = vol * (1.0 - 0.35 * in_disc * _sigmoid((z - bounds[0] - 0.05 * h) / edge))  # dark lamina region
     vol = vol * np.exp(-0.8 * z / h)  # signal falls off with depth
-    # speckle, noise and per-scan brightness
-    vol = vol * rng.gamma(8.0, 1.0 / 8.0, size=vol.shape) + rng.normal(0, 0.03, size=vol.shape)
-    vol = vol * rng.uniform(0.85, 1.15) + rng.uniform(-0.03, 0.03)
+    if anatomy is not None:
+        anatomy.update(
+            rnfl=thick_arr[0, :, 0, :], surface=np.broadcast_to(surface, (d, 1, w))[:, 0, :], cdr=cdr,
+            disc=(int(round((disc_y + 1) / 2 * (d - 1))), int(round(disc_x * (w - 1)))),
+        )  # fmt: skip
+    if noise:  # speckle, noise and per-scan brightness
+        vol = vol * rng.gamma(8.0, 1.0 / 8.0, size=vol.shape) + rng.normal(0, 0.03, size=vol.shape)
+        vol = vol * rng.uniform(0.85, 1.15) + rng.uniform(-0.03, 0.03)
     return (np.clip(vol, 0.0, 1.0) * 255).astype(np.uint8)
 
 

@@ -390,7 +390,9 @@ class AICNet3DTask(Task):
             if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one volume
                 batches = batches[:-1]
             loss_sum = cons_sum = 0.0
-            correct = total = 0
+            total = 0
+            seen_y: list[np.ndarray] = []
+            seen_p: list[np.ndarray] = []
             for b in batches:
                 x = to_input(x_all[b], device)
                 if opts.augment:
@@ -408,9 +410,12 @@ class AICNet3DTask(Task):
                 loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(b)
-                correct += int((out.logits.argmax(1) == y).sum())
                 total += len(b)
-            metrics = {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+                seen_y.append(y.cpu().numpy())
+                seen_p.append(out.logits.detach().softmax(1)[:, 1].cpu().numpy())
+            # training metrics from the (augmented) batches as they were seen during the epoch
+            ys, ps = np.concatenate(seen_y), np.concatenate(seen_p)
+            metrics = {"loss": loss_sum / max(total, 1), **binary_metrics(ys, ps, (ps > 0.5).astype(np.int64))}
             if w > 0:
                 metrics["consistency"] = cons_sum / max(total, 1)
             if len(val_idx):

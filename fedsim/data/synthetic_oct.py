@@ -11,10 +11,11 @@ arcuate bundles; the fovea thins the inner layers to a pit; inside the disc the 
 interrupted and the surface dips into the optic cup.
 
 Glaucoma (label 1) differs from normal (label 0) the way the disease shows in OCT:
-a thinner nerve-fibre layer (and GCL), a larger and deeper cup (cup-to-disc ratio 0.55-0.8 vs
-0.25-0.45), and superior/inferior asymmetry (one hemiretina loses more RNFL). Anatomy varies
-per subject (tilt, layer thickness, disc size, brightness), and the two classes overlap in
-severity so that the task is learnable but not trivial. 40 % of the cohort is glaucomatous
+a thinner nerve-fibre layer (diffuse loss 5-45 % vs 0-15 %, and a thinner GCL), a larger and
+deeper cup (cup-to-disc ratio 0.4-0.8 vs 0.25-0.55), and superior/inferior asymmetry (one
+hemiretina loses another 5-40 % vs 0-10 % of its RNFL). Anatomy varies per subject (tilt, layer
+thickness, disc size, brightness), and the class ranges overlap (early glaucoma resembles a
+normal eye with a large cup), so the task is learnable but not trivial. 40 % of the cohort is glaucomatous
 (``label = 1`` for ``i % 5 < 2``), so class balancing matters.
 
 Every volume is a pure function of ``(seed, index)``: the cohort is deterministic by seed.
@@ -23,6 +24,7 @@ Every volume is a pure function of ``(seed, index)``: the cohort is deterministi
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +80,10 @@ def synth_volume(
     disc_x, disc_y = 0.75 + rng.normal(0, 0.02), rng.normal(0, 0.05)
     fovea_x, fovea_y = 0.25 + rng.normal(0, 0.02), rng.normal(0, 0.05)
     disc_r = rng.uniform(0.09, 0.12)
-    cdr = rng.uniform(0.55, 0.8) if glaucoma else rng.uniform(0.25, 0.45)
-    loss = rng.uniform(0.25, 0.55) if glaucoma else rng.uniform(0.0, 0.1)  # diffuse RNFL loss
-    asym = rng.uniform(0.2, 0.5) if glaucoma else rng.uniform(0.0, 0.06)  # extra loss in one hemiretina
+    # the classes overlap (early glaucoma looks like a large normal cup), so the task is not trivial
+    cdr = rng.uniform(0.4, 0.8) if glaucoma else rng.uniform(0.25, 0.55)
+    loss = rng.uniform(0.05, 0.45) if glaucoma else rng.uniform(0.0, 0.15)  # diffuse RNFL loss
+    asym = rng.uniform(0.05, 0.4) if glaucoma else rng.uniform(0.0, 0.1)  # extra loss in one hemiretina
     worse = rng.choice([-1.0, 1.0])  # which hemiretina (sign of y) is worse
     scale = rng.uniform(0.9, 1.1) * h
 
@@ -135,13 +138,19 @@ def synth_volume(
     return (np.clip(vol, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def generate_volumes(indices: Sequence[int], shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """The cohort's volumes ``indices`` (``(len, D, H, W)`` uint8): volume ``i`` depends only on
+    ``(seed, i)``, so any subset can be generated without the rest."""
+    vols = np.empty((len(indices), *shape), dtype=np.uint8)
+    for j, i in enumerate(indices):
+        label = int(cohort_labels(i + 1)[i])
+        vols[j] = synth_volume(shape, label, np.random.default_rng([seed, int(i), 7]))
+    return vols
+
+
 def generate_cohort(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic volumes ``(n, D, H, W)`` uint8 and labels (see :func:`cohort_labels`)."""
-    labels = cohort_labels(n)
-    vols = np.empty((n, *shape), dtype=np.uint8)
-    for i in range(n):
-        vols[i] = synth_volume(shape, int(labels[i]), np.random.default_rng([seed, i, 7]))
-    return vols, labels
+    return generate_volumes(range(n), shape, seed), cohort_labels(n)
 
 
 # ---------------------------------------------------------------- real volumes

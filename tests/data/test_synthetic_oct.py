@@ -46,8 +46,8 @@ def _pair(seed: int, noise: bool = False):
 @pytest.mark.parametrize("seed", range(5))
 def test_glaucoma_anatomy_thinner_rnfl_larger_cup_asymmetry(seed):
     (v0, a0), (v1, a1) = _pair(seed)
-    assert a1["cdr"] > a0["cdr"] + 0.05  # larger cup-to-disc ratio (0.55-0.8 vs 0.25-0.45)
-    assert a1["rnfl"].mean() < 0.95 * a0["rnfl"].mean()  # thinner nerve-fibre layer
+    assert a1["cdr"] > a0["cdr"] + 0.1  # larger cup-to-disc ratio (0.4-0.8 vs 0.25-0.55)
+    assert a1["rnfl"].mean() < 0.97 * a0["rnfl"].mean()  # thinner nerve-fibre layer
     d = SHAPE[0]
     asym = lambda r: abs(r[: d // 2].mean() - r[d // 2 :].mean()) / r.mean()  # noqa: E731
     assert asym(a1["rnfl"]) > asym(a0["rnfl"])  # superior/inferior asymmetry

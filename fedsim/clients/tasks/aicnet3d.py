@@ -56,8 +56,9 @@ from fedsim.config import ConfigError, Profile, RunConfig
 from fedsim.data.partition import PartitionParams, partition, split_train_test
 from fedsim.data.synthetic_oct import (
     CLASS_NAMES,
+    VolumeFiles,
     cohort_labels,
-    generate_cohort,
+    generate_volumes,
     load_volumes,
     scan_oct_folder,
     volume_shape,
@@ -75,7 +76,7 @@ from fedsim.models.aicnet3d import (
 #: ``image_size`` = number of B-scans D (volume D x 1.5D x 0.875D, see :func:`volume_shape`).
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(image_size=16, num_samples=48, rounds=2, local_epochs=2, batch_size=4, lr=1e-3),
-    "quick": Profile(image_size=32, num_samples=240, rounds=8, local_epochs=2, batch_size=4, lr=5e-4),
+    "quick": Profile(image_size=32, num_samples=360, rounds=10, local_epochs=2, batch_size=4, lr=5e-4),
     "paper": Profile(image_size=128, num_samples=1200, rounds=20, local_epochs=5, batch_size=4, lr=1e-4),
 }
 
@@ -216,20 +217,36 @@ def task_shape(cfg: RunConfig) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _cohort(data_dir: str, shape: tuple[int, int, int], num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Volumes (N, D, H, W) uint8 and labels; cached per process for speed (deterministic)."""
+def _scan(data_dir: str) -> VolumeFiles:
+    return scan_oct_folder(data_dir)
+
+
+@functools.lru_cache(maxsize=6)
+def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tuple[int, ...]) -> np.ndarray:
+    """Volumes ``(len(indices), D, H, W)`` uint8 of these cohort indices. Only the volumes a
+    process needs are generated / read (a synthetic volume is a pure function of (seed, index)),
+    so at paper size no process holds the whole cohort; cached per process for speed."""
     if data_dir:
-        files = scan_oct_folder(data_dir)
-        logger.info("reading %d OCT volumes from %s at %s", len(files.paths), data_dir, shape)
-        return load_volumes(files, shape), files.labels
-    logger.info("generating the synthetic OCT cohort: %d volumes of %s (seed %d)", num_samples, shape, seed)
-    return generate_cohort(num_samples, shape, seed)
+        files = _scan(data_dir)
+        sub = VolumeFiles(tuple(files.paths[i] for i in indices), files.labels[list(indices)])
+        logger.info("reading %d OCT volumes from %s at %s", len(indices), data_dir, shape)
+        return load_volumes(sub, shape)
+    logger.info("generating %d synthetic OCT volumes of %s (seed %d)", len(indices), shape, seed)
+    return generate_volumes(indices, shape, seed)
 
 
-def cohort(cfg: RunConfig, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def volumes(cfg: RunConfig, idx: np.ndarray, data_dir: str | None = None) -> np.ndarray:
     d = cfg.data_dir if data_dir is None else data_dir
+    return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx))
+
+
+def cohort_labels_for(cfg: RunConfig, data_dir: str | None = None) -> np.ndarray:
+    """Labels of the whole cohort (cheap: no volume is decoded or generated)."""
+    d = cfg.data_dir if data_dir is None else data_dir
+    if d:
+        return _scan(d).labels
     assert cfg.num_samples is not None
-    return _cohort(d, task_shape(cfg), cfg.num_samples if not d else 0, cfg.seed)
+    return cohort_labels(cfg.num_samples)
 
 
 def _seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -310,12 +327,6 @@ class AICNet3DTask(Task):
     def build_model(self, name: str, cfg: RunConfig) -> nn.Module:
         return build_aicnet3d(name, task_shape(cfg))
 
-    def _labels(self, cfg: RunConfig, data_dir: str) -> np.ndarray:
-        if data_dir:
-            return scan_oct_folder(data_dir).labels
-        assert cfg.num_samples is not None
-        return cohort_labels(cfg.num_samples)
-
     def _val_fraction(self, cfg: RunConfig) -> float | None:
         opts: AICNet3DOptions = self.options(cfg)
         return opts.val_fraction if opts.early_stopping else None
@@ -323,17 +334,18 @@ class AICNet3DTask(Task):
     def check_data(self, cfg: RunConfig) -> list[int]:
         if cfg.image_size is not None and cfg.image_size < 16:
             raise ConfigError(f"image_size (B-scans) must be >= 16 for aicnet3d, got {cfg.image_size}")
-        split = make_split(cfg, self._labels(cfg, cfg.data_dir), self._val_fraction(cfg))
+        split = make_split(cfg, cohort_labels_for(cfg), self._val_fraction(cfg))
         return [len(tr) + len(va) + len(te) for tr, va, te in split.clients]
 
-    def _client_indices(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        vols, labels = cohort(cfg, data_dir)
+    def _client_indices(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cohort labels and this client's (train, validation, test) cohort indices."""
+        labels = cohort_labels_for(cfg, data_dir)
         vf = self._val_fraction(cfg)
         if data_dir:  # node-local folder: all of it belongs to this client
             tr, va, te = _client_split(cfg, np.arange(len(labels)), labels, vf, f"node data folder {data_dir}")
         else:
             tr, va, te = make_split(cfg, labels, vf).clients[partition_id]
-        return vols, labels, tr, va, te
+        return labels, tr, va, te
 
     def stage(self, cfg: RunConfig, server_round: int) -> int:
         """1 (BCE) or 2 (consistency fine-tuning) for ``server_round`` (the last k rounds are stage 2)."""
@@ -356,17 +368,18 @@ class AICNet3DTask(Task):
         assert isinstance(model, AICNet3D)
         assert cfg.batch_size is not None and cfg.lr is not None and cfg.local_epochs is not None
         opts: AICNet3DOptions = self.options(cfg)
-        vols, labels, train_idx, val_idx, _ = self._client_indices(cfg, partition_id, data_dir)
+        labels, train_idx, val_idx, _ = self._client_indices(cfg, partition_id, data_dir)
+        x_all, y_all = torch.from_numpy(volumes(cfg, train_idx, data_dir)), torch.from_numpy(labels[train_idx])
         seed = _seed(cfg.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout
         rng = np.random.default_rng(seed)
+        pos = np.arange(len(train_idx))  # positions in this client's training volumes
         if opts.balance and len(np.unique(labels[train_idx])) == 2:
-            train_idx = balance_indices(train_idx, labels, rng)
-        counts = np.bincount(labels[train_idx], minlength=2).astype(np.float64)
-        class_weight = torch.tensor(len(train_idx) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+            pos = balance_indices(pos, labels[train_idx], rng)
+        counts = np.bincount(labels[train_idx][pos], minlength=2).astype(np.float64)
+        class_weight = torch.tensor(len(pos) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
         stage = self.stage(cfg, server_round)
         w = opts.consistency_weight if stage == 2 else 0.0
-        x_all, y_all = torch.from_numpy(vols), torch.from_numpy(labels)
         shuffle_gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator().manual_seed(seed + 1)
 
@@ -381,11 +394,11 @@ class AICNet3DTask(Task):
             cb.on_train_start(model, info)
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         history: list[dict[str, float]] = []
-        n = len(train_idx)
+        n = len(pos)
         bs = cfg.batch_size
         for epoch in range(1, cfg.local_epochs + 1):
             model.train()
-            order = train_idx[torch.randperm(n, generator=shuffle_gen).numpy()]
+            order = pos[torch.randperm(n, generator=shuffle_gen).numpy()]
             batches = [order[i : i + bs] for i in range(0, n, bs)]
             if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one volume
                 batches = batches[:-1]
@@ -419,7 +432,7 @@ class AICNet3DTask(Task):
             if w > 0:
                 metrics["consistency"] = cons_sum / max(total, 1)
             if len(val_idx):
-                val_loss = self._evaluate(model, vols[val_idx], labels[val_idx], device, cfg)["loss"]
+                val_loss = self._evaluate(model, volumes(cfg, val_idx, data_dir), labels[val_idx], device, cfg)["loss"]
                 metrics["val-loss"] = val_loss
                 if best is None or val_loss < best[0]:
                     best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
@@ -434,7 +447,7 @@ class AICNet3DTask(Task):
         result["stage"] = float(stage)
         for cb in callbacks:
             cb.on_train_end(model, info)
-        return LocalResult(len(train_idx), result)
+        return LocalResult(len(pos), result)
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, vols: np.ndarray, device: torch.device, cfg: RunConfig) -> np.ndarray:
@@ -458,13 +471,13 @@ class AICNet3DTask(Task):
     def evaluate_local(
         self, model: nn.Module, cfg: RunConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
-        vols, labels, _, _, test_idx = self._client_indices(cfg, partition_id, data_dir)
-        return LocalResult(len(test_idx), self._evaluate(model, vols[test_idx], labels[test_idx], device, cfg))
+        labels, _, _, test_idx = self._client_indices(cfg, partition_id, data_dir)
+        return LocalResult(len(test_idx), self._evaluate(model, volumes(cfg, test_idx, data_dir), labels[test_idx], device, cfg))
 
     def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult:
-        vols, labels = cohort(cfg)
+        labels = cohort_labels_for(cfg)
         idx = make_split(cfg, labels, self._val_fraction(cfg)).global_test
-        return LocalResult(len(idx), self._evaluate(model, vols[idx], labels[idx], device, cfg))
+        return LocalResult(len(idx), self._evaluate(model, volumes(cfg, idx), labels[idx], device, cfg))
 
     # ------------------------------------------------------------ figures
     def analysis_figures(self, run_dir: Path, cfg: RunConfig, out_dir: Path, num_volumes: int = 4) -> list[Path]:
@@ -483,10 +496,11 @@ class AICNet3DTask(Task):
         state = {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
         model.load_state_dict(state, strict=False)
         model.eval()
-        vols, labels = cohort(cfg)
+        labels = cohort_labels_for(cfg)
         idx = make_split(cfg, labels, self._val_fraction(cfg)).global_test
         chosen = [i for c in (1, 0) for i in idx[labels[idx] == c][: (num_volumes + 1) // 2]][:num_volumes]
-        x = _scale(to_input(torch.from_numpy(vols[chosen]), torch.device("cpu")))
+        vols = volumes(cfg, np.asarray(chosen))
+        x = _scale(to_input(torch.from_numpy(vols), torch.device("cpu")))
         out = model.forward_features(x)
         gcam = gradcam_map(out.logits, out.gradcam_features).detach()
         care = care_map(out.care_features).detach()
@@ -498,7 +512,7 @@ class AICNet3DTask(Task):
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for j, i in enumerate(chosen):
-            v = vols[i].astype(np.float32) / 255.0
+            v = vols[j].astype(np.float32) / 255.0
             mid = v.shape[0] // 2
             fig, axes = plt.subplots(2, 2, figsize=(9, 7))
             for col, (name, m) in enumerate((("CARE", care_v[j]), ("Grad-CAM", gcam_v[j]))):

@@ -164,21 +164,22 @@ class CMERecorder(TrainCallback):
             valid = w.abs() >= thr
             if thr == 0:
                 valid &= w != 0
-            c = torch.where(valid, (w - prev) / torch.where(valid, w, torch.ones_like(w)), torch.zeros_like(w))
-            c64 = c.double()
-            count = int(valid.sum())
-            total = float(c64.sum())
-            sq = float((c64 * c64).sum())
+            # eq. 2 in place on the difference buffer; masked entries -> 0 (no inf/nan from 1/w)
+            c = torch.sub(w, prev).div_(torch.where(valid, w, 1.0)).masked_fill_(~valid, 0.0)
+            flat = c.reshape(-1)
+            terms = [valid.sum(), flat.sum(), torch.dot(flat, flat)]
+            if name in self._prev_c:
+                pc, pvalid = self._prev_c[name].reshape(-1), self._prev_valid[name].reshape(-1)
+                v = valid.reshape(-1)
+                pcv = pc.masked_fill(~v, 0.0)  # C_{i-1} on elements valid in both epochs
+                cpv = flat.masked_fill(~pvalid, 0.0)  # C_i on elements valid in both epochs
+                terms += [(v & pvalid).sum(), torch.dot(flat, pc), torch.dot(pcv, pcv), torch.dot(cpv, cpv)]
+            vals = torch.stack([t.double() for t in terms]).tolist()  # one device sync per tensor
+            count, total, sq = int(vals[0]), vals[1], vals[2]
             mean = total / count if count else float("nan")
             var = max(sq / count - mean * mean, 0.0) if count else float("nan")
-            row = [count, w.numel(), mean, var**0.5, sq**0.5, 1.0 - count / w.numel(), 0, 0.0, 0.0, 0.0]
-            if name in self._prev_c:
-                joint = valid & self._prev_valid[name]
-                pc = self._prev_c[name].double()
-                row[6] = int(joint.sum())
-                row[7] = float((c64 * pc).sum())  # masked entries are 0 in c and pc
-                row[8] = float((pc * pc * joint).sum())
-                row[9] = float((c64 * c64 * joint).sum())
+            lag = [int(vals[3]), *vals[4:7]] if len(vals) > 3 else [0, 0.0, 0.0, 0.0]
+            row = [count, w.numel(), mean, var**0.5, sq**0.5, 1.0 - count / w.numel(), *lag]
             self._stats[name].append(np.array(row, dtype=np.float64))
             if name in self._idx:
                 rows, cols = self._idx[name]

@@ -163,6 +163,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedsim.cme import CMEArchiveError
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
@@ -182,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ClientFailedError, NodeTimeoutError) as exc:
         print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        return 1
+    except CMEArchiveError as exc:
+        print(f"fedsim: CME archive error: {exc}", file=sys.stderr)
         return 1
     return 0
 

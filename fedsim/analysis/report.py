@@ -107,6 +107,13 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
     if archive is not None:
         for client in archive.clients:
             layer = layer or archive.matrix_layers(client)[0]
+            if layer not in archive.matrix_layers(client):
+                from fedsim.config import ConfigError
+
+                raise ConfigError(
+                    f"no full CME matrices of layer {layer!r} for client {client}; archived: "
+                    f"{', '.join(archive.matrix_layers(client))} (record others with --cme-layers)"
+                )
             s = summarise_client(archive, client, layer, settings.similarity_threshold, settings.patience, settings.acf_threshold)
             rounds, maps = round_maps(archive, client, layer)
             shown = pick_rounds(list(rounds), s.saturation_round)

@@ -112,8 +112,14 @@ def test_analyze_says_when_a_run_has_no_cme(tmp_path, rng, capsys):
     assert "no CME records" in capsys.readouterr().out
 
 
-def test_analyze_bad_input(tmp_path, capsys):
+def test_analyze_bad_input(tmp_path, rng, capsys):
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "not a fedsim run directory" in capsys.readouterr().err
+    run = make_run(tmp_path / "run", rng, rounds=2)
+    assert main(["analyze", str(run), "--layer", "head.fc1.weight"]) == 2
+    assert "no full CME matrices of layer 'head.fc1.weight' for client 0; archived: fc2.weight" in capsys.readouterr().err
+    (run / "cme/client1/round0002.safetensors").write_bytes(b"truncated")
+    assert main(["analyze", str(run)]) == 1
+    assert "corrupt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="patience must be >= 1"):
         AnalysisSettings(patience=0)

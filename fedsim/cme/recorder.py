@@ -183,8 +183,10 @@ class CMERecorder(TrainCallback):
             self._stats[name].append(np.array(row, dtype=np.float64))
             if name in self._idx:
                 rows, cols = self._idx[name]
-                mat = as_jacobian(c).float().cpu().numpy()
-                self._mats[name].append(mat[np.ix_(rows, cols)])
+                mat = as_jacobian(c)  # subsample on the device, copy only the kept entries
+                if mat.shape != (len(rows), len(cols)):
+                    mat = mat[torch.as_tensor(rows, device=c.device)][:, torch.as_tensor(cols, device=c.device)]
+                self._mats[name].append(mat.float().cpu().numpy())
             self._prev_c[name], self._prev_valid[name] = c, valid
             prev.copy_(w)
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsim.analysis.cme import ACF_STABILITY_THRESHOLD, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
 from fedsim.config import SCENARIOS, RunConfig
 
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     cme.add_argument("--cme-threshold", type=float, default=d.cme_threshold, help="weights with |w| below this are masked out of CME statistics (default: %(default)s)")
     cme.add_argument("--cme-max-size", type=int, default=d.cme_max_size, help="larger CME matrices are subsampled (seeded) to at most this many rows and columns (default: %(default)s)")
     cme.add_argument("--cme-biases", action="store_true", help="also record 1-D bias vectors")
+
+    an = sub.add_parser("analyze", help="CME convergence analysis of a run: figures, summary.json, report.md")
+    an.add_argument("run_dir", metavar="RUN_DIR", help="a 'fedsim run' output folder")
+    an.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis)")
+    an.add_argument("--layer", default=None, help="CME matrix layer for covariance maps (default: the run's first, e.g. head.fc2.weight)")
+    an.add_argument("--similarity", type=float, default=SIMILARITY_THRESHOLD, help="map similarity counted as unchanged (default: %(default)s)")
+    an.add_argument("--patience", type=int, default=SATURATION_PATIENCE, help="consecutive unchanged rounds that define saturation (default: %(default)s)")
+    an.add_argument("--acf-threshold", type=float, default=ACF_STABILITY_THRESHOLD, help="ACF variation at or below which a client is dominant (default: %(default)s)")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
     return parser
@@ -127,7 +136,34 @@ def _cmd_run(cfg: RunConfig) -> None:
         print(f"  global model: {json.dumps(last['global'])}")
 
 
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from fedsim._logging import enable_console_logging
+    from fedsim.analysis.report import AnalysisSettings, analyze_run
+
+    enable_console_logging()
+    try:
+        settings = AnalysisSettings(args.layer, args.similarity, args.patience, args.acf_threshold)
+    except ValueError as exc:
+        from fedsim.config import ConfigError
+
+        raise ConfigError(str(exc)) from None
+    res = analyze_run(args.run_dir, args.out, settings)
+    metric = res.summary["primary_metric"]
+    print(f"\nfedsim: analysis of {res.summary['run_dir']} written to {res.out_dir}")
+    if not res.has_cme:
+        print("  this run has no CME records (run 'fedsim run ... --cme' to record them): curves and final metrics only")
+    for c in res.summary["clients"]:
+        line = f"  client {c['client']} {c['model']:<13}"
+        if res.has_cme:
+            sat = c["saturation_round"] if c["saturation_round"] is not None else "not reached"
+            line += f" saturation round {sat}; ACF variation {c['acf_variation']:.3f}: {c['label']};"
+        final = c.get(f"final_test_{metric}")
+        print(line + (f" final test {metric} {final:.3f}" if final is not None else ""))
+    print(f"  report: {res.out_dir / 'report.md'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedsim.cme import CMEArchiveError
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
@@ -138,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             _cmd_list()
+        elif args.command == "analyze":
+            _cmd_analyze(args)
         else:
             _cmd_run(_config_from_args(args))
     except (ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, FileNotFoundError) as exc:
@@ -145,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ClientFailedError, NodeTimeoutError) as exc:
         print(f"fedsim: run failed: {exc}", file=sys.stderr)
+        return 1
+    except CMEArchiveError as exc:
+        print(f"fedsim: CME archive error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -222,6 +222,18 @@ class RunConfig:
             kwargs[f.name] = _coerce(f, value)
         return cls(**kwargs, extra=tuple(sorted(extra)))
 
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_json_dict` (a run's ``config.json``); derived keys are ignored."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for k in ("fractions", "models", "cme_layers"):
+            if k in kwargs:
+                kwargs[k] = tuple(kwargs[k])
+        if "task_options" in kwargs:
+            kwargs["task_options"] = tuple((str(k), v) for k, v in kwargs["task_options"])
+        return cls(**kwargs)
+
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("extra")

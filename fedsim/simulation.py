@@ -27,9 +27,11 @@ def run_simulation(cfg: RunConfig) -> None:
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedsim.clients.app import app as client_app
-    from fedsim.server.app import make_server_app
+    from fedsim.server.app import check_cme_layers, make_server_app
 
     cfg = cfg.resolve()
+    if cfg.cme:
+        check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
     if cfg.client_cpus > (os.cpu_count() or 1):

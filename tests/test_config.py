@@ -6,7 +6,7 @@ from fedsim.registry import UnknownNameError
 
 def test_resolve_fills_profile_and_scenario():
     cfg = RunConfig(scenario=3, profile="tiny").resolve()
-    assert (cfg.image_size, cfg.num_samples, cfg.rounds, cfg.local_epochs) == (32, 120, 2, 1)
+    assert (cfg.image_size, cfg.num_samples, cfg.rounds, cfg.local_epochs) == (32, 120, 2, 2)
     assert cfg.partition == "identical"
     assert cfg.client_models() == ("resnet50", "densenet121", "alexnet_skip")
     assert cfg.server_model == "resnet50"
@@ -65,7 +65,7 @@ def test_unknown_names_list_choices(kwargs, message):
 def test_flower_round_trip_and_toml_sentinels():
     cfg = RunConfig(profile="tiny", models=("small_cnn",) * 3, partition="sizes", fractions=(0.2, 0.3, 0.5)).resolve()
     flat = cfg.to_flower()
-    assert flat["local-epochs"] == 1 and flat["fractions"] == [0.2, 0.3, 0.5]
+    assert flat["local-epochs"] == 2 and flat["fractions"] == [0.2, 0.3, 0.5]
     assert RunConfig.from_flower(flat) == cfg
     # pyproject-style values: 0 / "" mean "unset", lists may be comma strings, extra keys are kept
     toml = {"rounds": 0, "partition": "", "models": "small_cnn, small_cnn,small_cnn", "client-gpus": -1.0, "server-round": 3}

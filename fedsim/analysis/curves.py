@@ -15,7 +15,16 @@ import numpy as np
 
 from fedsim.server.rundir import RunDir
 
-METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every ``train_*`` / ``test_*`` numeric field any client reported, in first-seen order."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for c in r["clients"]:
+            for k, v in c.items():
+                if k.startswith(("train_", "test_")) and isinstance(v, int | float):
+                    keys.setdefault(k)
+    return list(keys)
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,11 @@ def client_curves(rows: Sequence[Mapping[str, Any]]) -> ClientCurves:
     models = {int(c["client"]): str(c["model"]) for r in rows for c in r["clients"]}
     clients = tuple(sorted(models))
     pos = {c: i for i, c in enumerate(clients)}
-    values = {m: np.full((len(clients), len(rows)), np.nan) for m in METRICS}
+    metrics = _metric_keys(rows)
+    values = {m: np.full((len(clients), len(rows)), np.nan) for m in metrics}
     for j, r in enumerate(rows):
         for c in r["clients"]:
-            for m in METRICS:
+            for m in metrics:
                 if m in c:
                     values[m][pos[int(c["client"])], j] = float(c[m])
     return ClientCurves(rounds, clients, tuple(models[c] for c in clients), values)
@@ -50,10 +60,13 @@ def load_client_curves(run_dir: str | Path) -> ClientCurves:
 
 
 class ClientCurvesDisplay:
-    """Accuracy and loss per client over rounds (train dashed, local test solid)."""
+    """A metric (default accuracy) and the loss per client over rounds (train dashed, local test
+    solid). ``clients`` restricts the plot to some clients (default: all)."""
 
-    def __init__(self, curves: ClientCurves) -> None:
+    def __init__(self, curves: ClientCurves, metric: str = "accuracy", clients: Sequence[int] | None = None) -> None:
         self.curves = curves
+        self.metric = metric
+        self.clients = tuple(curves.clients if clients is None else clients)
 
     def plot(self, axes: Sequence[Any] | None = None) -> Any:
         import matplotlib.pyplot as plt
@@ -63,11 +76,15 @@ class ClientCurvesDisplay:
         else:
             fig = axes[0].figure
         c = self.curves
-        for ax, kind in zip(axes, ("accuracy", "loss")):
+        nan = np.full(len(c.rounds), np.nan)
+        for ax, kind in zip(axes, (self.metric, "loss")):
             for i, (client, model) in enumerate(zip(c.clients, c.models)):
+                if client not in self.clients:
+                    continue
                 color = f"C{i}"
-                ax.plot(c.rounds, c.values[f"test_{kind}"][i], "-o", color=color, label=f"client {client} ({model}) test")
-                ax.plot(c.rounds, c.values[f"train_{kind}"][i], "--", color=color, alpha=0.7, label=f"client {client} train")
+                test, train = c.values.get(f"test_{kind}"), c.values.get(f"train_{kind}")
+                ax.plot(c.rounds, nan if test is None else test[i], "-o", color=color, label=f"client {client} ({model}) test")
+                ax.plot(c.rounds, nan if train is None else train[i], "--", color=color, alpha=0.7, label=f"client {client} train")
             ax.set_xlabel("round")
             ax.set_ylabel(kind)
             ax.set_xticks(c.rounds)

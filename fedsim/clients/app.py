@@ -10,7 +10,10 @@ Each round the client
    split (``evaluate``);
 4. after training, stores its private tensors (everything but the shared keys, which arrive with
    every message) in ``Context.state`` and replies with exactly the keys it received, plus
-   ``num-examples`` and its metrics.
+   ``num-examples`` and its metrics;
+5. with ``cme`` set, a :class:`~fedsim.cme.CMERecorder` callback records the round's
+   conversational memory elements, which travel back in the reply as the ``ConfigRecord``
+   ``"cme"`` (see :mod:`fedsim.cme.archive`).
 
 The run configuration arrives in the message's ``config`` record (sent by the ServerApp), so
 clients need no local configuration except their identity: ``partition-id`` and
@@ -21,12 +24,14 @@ optionally ``data-dir``, a node-local image folder that then replaces the shared
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim._logging import enable_console_logging
 from fedsim.clients.tasks import get_task
-from fedsim.clients.training import ProgressLogger
+from fedsim.clients.training import ProgressLogger, TrainCallback
+from fedsim.cme import CMERecorder, CMESettings, encode
+from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.config import ConfigError, RunConfig
 
 STATE_KEY = "fedsim.model"
@@ -92,8 +97,12 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx only
     # the received tensors became the model's own (assign=True): copy them before training moves them
     anchor = {k: v.detach().clone() for k, v in shared.items()} if mu > 0 else None
+    callbacks: list[TrainCallback] = [ProgressLogger()]
+    cme = CMERecorder(cme_settings(cfg)) if cfg.cme else None
+    if cme is not None:
+        callbacks.append(cme)
     result = task.train(
-        model, cfg, pid, server_round, device(), callbacks=[ProgressLogger()],
+        model, cfg, pid, server_round, device(), callbacks=callbacks,
         proximal_mu=mu, data_dir=data_dir, anchor=anchor,
     )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -103,7 +112,19 @@ def train(msg: Message, context: Context) -> Message:
     reply_arrays = ArrayRecord({k: state[k] for k in shared})
     metrics = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
-    return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
+    if cme is not None:
+        if cme.result is None:
+            raise RuntimeError(f"task {cfg.task!r} did not call the training callbacks; CMEs cannot be recorded")
+        payload = encode(cme.result, pid, server_round, cfg.model_for(pid))
+        content[CME_RECORD_KEY] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": server_round})
+    return Message(content, reply_to=msg)
+
+
+def cme_settings(cfg: RunConfig) -> CMESettings:
+    """The run's CME settings; analysis layers default to the task's (``Task.cme_layers``)."""
+    layers = cfg.cme_layers or tuple(get_task(cfg.task).cme_layers)
+    return CMESettings(layers, cfg.cme_threshold, cfg.cme_max_size, cfg.cme_biases, cfg.seed)
 
 
 @app.evaluate()

@@ -13,7 +13,7 @@ aggregated (same-model scenarios) it is also evaluated on the held-out global te
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from flwr.serverapp.strategy import Result
 
 from fedsim._logging import enable_console_logging, logger
 from fedsim.clients.tasks import get_task
-from fedsim.config import RunConfig
+from fedsim.cme import CMEArchiveWriter
+from fedsim.cme.recorder import matching_layers, recorded_parameters
+from fedsim.config import ConfigError, RunConfig
 from fedsim.models.sharing import shared_parameter_names
 from fedsim.server.recorder import RoundRecorder
 from fedsim.server.rundir import RunDir
@@ -60,13 +62,15 @@ class OrderedGrid:
     when a client failed.
 
     Aggregation sums floats in reply order; sorting makes runs with the same seed bit-identical
-    whatever order the nodes answered in. fedsim's strategies train every client every round, so
+    whatever order the nodes answered in. ``on_reply`` sees every reply first, in that order
+    (the CME archive writer takes its records out there, whatever the strategy). fedsim's strategies train every client every round, so
     a client error (bad local data, out of memory, ...) ends the run with its reason instead of
     silently aggregating fewer hospitals.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, on_reply: Callable[[Message], None] | None = None) -> None:
         self._grid = grid
+        self._on_reply = on_reply
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -77,6 +81,9 @@ class OrderedGrid:
         if errors:
             detail = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
             raise ClientFailedError(f"{len(errors)} of {len(replies)} clients failed: {detail}")
+        if self._on_reply is not None:
+            for m in replies:
+                self._on_reply(m)
         return replies
 
 
@@ -124,12 +131,17 @@ def run_server(grid: Grid, cfg: RunConfig) -> Result:
     strategy = build_strategy(
         cfg, StrategyOptions(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics)
     )
+    on_reply = None
+    if cfg.cme:
+        check_cme_layers(cfg)
+        on_reply = CMEArchiveWriter(run_dir.path).collect
+        logger.info("recording CMEs into %s", run_dir.path / "cme")
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     assert cfg.rounds is not None
     record = ConfigRecord(cfg.to_flower())
     result = strategy.start(
-        grid=OrderedGrid(grid),  # type: ignore[arg-type]
+        grid=OrderedGrid(grid, on_reply),  # type: ignore[arg-type]
         initial_arrays=ArrayRecord({k: server_state[k] for k in shared}),
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout,
@@ -143,6 +155,24 @@ def run_server(grid: Grid, cfg: RunConfig) -> Result:
     )
     logger.info("final global parameters: %s", path)
     return result
+
+
+def check_cme_layers(cfg: RunConfig) -> None:
+    """Refuse CME layer patterns that match no weight of some client's model (before training)."""
+    task = get_task(cfg.task)
+    patterns = cfg.cme_layers or tuple(task.cme_layers)
+    for name in sorted(set(cfg.client_models())):
+        with torch.device("meta"):
+            model = task.build_model(name, cfg)
+        names = [n for n, _ in recorded_parameters(model, cfg.cme_biases)]
+        if not matching_layers(names, patterns):
+            raise ConfigError(
+                f"CME layers {list(patterns)} match no weight of model {name!r}; "
+                f"its last weights are {', '.join(names[-4:])} (patterns use fnmatch, e.g. 'head.*.weight')"
+            )
+    assert cfg.local_epochs is not None
+    if cfg.local_epochs < 2:
+        logger.warning("CME ACF (eq. 4) pairs consecutive local epochs: with local_epochs=1 it stays empty")
 
 
 def make_server_app(cfg: RunConfig) -> ServerApp:

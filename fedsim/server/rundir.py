@@ -60,6 +60,12 @@ class RunDir:
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.path / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
+    def read_config(self) -> dict[str, Any]:
+        path = self.path / CONFIG_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{self.path} is not a fedsim run directory ({CONFIG_FILE} is missing)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -110,3 +110,21 @@ def test_float64_arrays_from_server_optimisers_are_cast(tiny_cfg):
     msg.content["arrays"] = ArrayRecord({k: v.double() for k, v in msg.content["arrays"].to_torch_state_dict().items()})
     reply = client_app.train(msg, ctx)
     assert all(reply.content["arrays"][k].numpy().dtype == np.float32 for k in HEAD_KEYS)
+
+
+def test_cme_recording_travels_in_the_train_reply(tiny_cfg):
+    from fedsim.cme import FIELD, decode
+    from fedsim.cme.recorder import recorded_parameters
+
+    cfg = dataclasses.replace(tiny_cfg, cme=True)
+    reply = client_app.train(_message(cfg, HEAD_KEYS, server_round=3), _context(1))
+    rec = decode(reply.content.config_records["cme"]["payload"])
+    assert (rec.client, rec.round, rec.model, rec.epochs) == (1, 3, "small_cnn", cfg.local_epochs)
+    assert list(rec.layers) == [n for n, _ in recorded_parameters(build_model("small_cnn"))]
+    assert rec.matrices["head.fc2.weight"].shape == (cfg.local_epochs, 128, 128)  # the task's default layer
+    assert all(rec.stats[n][:, FIELD["count"]].min() > 0 for n in rec.layers)
+    # the reply's model arrays and metrics are exactly those of a run without CMEs
+    plain = client_app.train(_message(tiny_cfg, HEAD_KEYS, server_round=3), _context(1))
+    assert "cme" not in plain.content.config_records
+    for k in HEAD_KEYS:
+        np.testing.assert_array_equal(reply.content["arrays"][k].numpy(), plain.content["arrays"][k].numpy())

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from fedsim.cme import CMEArchive
 from fedsim.server.rundir import RunDir
 
 from .flower_procs import (
@@ -49,7 +50,8 @@ def test_superlink_and_three_supernodes(tmp_path):
                  "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions=3"],
                 env=env, cwd=tmp_path, stdout=open(logs / f"supernode{i}.log", "w"), stderr=subprocess.STDOUT,
             ))  # fmt: skip
-        started = flwr_json(env, "run", str(PROJECT), "fedsim-test", "--run-config", RUN_CONFIG.format(out=out))
+        # with CME recording: the CMEs travel in the replies over gRPC, as in simulation
+        started = flwr_json(env, "run", str(PROJECT), "fedsim-test", "--run-config", RUN_CONFIG.format(out=out) + " cme=true")
         assert started.get("success"), started
         run = wait_run_finished(env, started["run-id"], "fedsim-test")
         assert run["status"] == "finished:completed", run
@@ -59,6 +61,9 @@ def test_superlink_and_three_supernodes(tmp_path):
     assert row["round"] == 1 and [c["client"] for c in row["clients"]] == [0, 1, 2]
     assert all(c["model"] == "small_cnn" and c["num_examples"] == 27 for c in row["clients"])
     assert row["global"] is not None and RunDir(out).load_params()
+    arch = CMEArchive(out)
+    assert arch.clients == [0, 1, 2] and arch.rounds(1) == [1]
+    assert arch.matrix(1, 1, "head.fc2.weight").shape == (128, 128)
 
 
 def test_flwr_run_local_simulation(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fedsim.cme import CMEArchive
 from fedsim.data.folder import KAGGLE_CLASSES
 from fedsim.server.rundir import RunDir
 
@@ -45,7 +46,27 @@ def check_outputs(out: Path, rounds: int, models: list[str]) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("scenario", [1, 2, 3, 4])
+def test_scenario1_with_cme_then_analyze(tmp_path):
+    """The CME issue's acceptance command: record CMEs in scenario 1, then 'fedsim analyze'."""
+    out = tmp_path / "s1"
+    fedsim("run", "--scenario", "1", "--profile", "tiny", "--rounds", "3", "--cme", "--out", str(out), cwd=tmp_path)
+    rows = check_outputs(out, 3, EXPECTED_MODELS[1])
+    assert sorted(RunDir(out).load_params()) == sorted(["head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"])
+    arch = CMEArchive(out)
+    assert arch.clients == [0, 1, 2] and all(arch.rounds(c) == [1, 2, 3] for c in arch.clients)
+    assert [arch.model(c) for c in arch.clients] == EXPECTED_MODELS[1]
+    assert arch.matrix(2, 3, "head.fc2.weight").shape == (128, 128)
+    proc = fedsim("analyze", str(out), cwd=tmp_path)
+    summary = json.loads((out / "analysis" / "summary.json").read_text())
+    assert [c["client"] for c in summary["clients"]] == [0, 1, 2]
+    for c, row in zip(summary["clients"], rows[-1]["clients"]):
+        assert c["label"].startswith(("dominant", "still learning")) and c["acf_variation"] >= 0
+        assert c["saturation_round"] in (None, 1, 2, 3) and c["final_test_accuracy"] == row["test_accuracy"]
+        assert (out / "analysis" / f"client{c['client']}_cme.png").stat().st_size > 10_000
+    assert "client 2 alexnet_skip" in proc.stdout and (out / "analysis" / "report.md").exists()
+
+
+@pytest.mark.parametrize("scenario", [2, 3, 4])
 def test_scenario_tiny(scenario, tmp_path):
     out = tmp_path / f"s{scenario}"
     proc = fedsim("run", "--scenario", str(scenario), "--profile", "tiny", "--rounds", "2", "--out", str(out), cwd=tmp_path)
@@ -58,7 +79,7 @@ def test_scenario_tiny(scenario, tmp_path):
         assert all(r["global"] is None for r in rows)
         assert sorted(params) == sorted(["head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"])
     sizes = [c["num_examples"] for c in rows[0]["clients"]]
-    assert sizes == ([27, 27, 27] if scenario in (1, 2) else [82, 82, 82])  # iid thirds vs identical
+    assert sizes == ([27, 27, 27] if scenario == 2 else [82, 82, 82])  # iid thirds vs identical
 
 
 def test_same_seed_same_metrics(tmp_path):

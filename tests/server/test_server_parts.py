@@ -68,3 +68,21 @@ def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
     # round 0 (Flower's initial evaluation) writes no line
     rec.on_round_end(0, ArrayRecord())
     assert len(rd.read_metrics()) == 1
+
+
+def test_ordered_grid_hands_cme_records_to_the_archive_and_strips_them(tmp_path, rng):
+    from flwr.app import ConfigRecord
+
+    from fedsim.cme import CMEArchive, CMEArchiveWriter, encode
+    from tests.cme.test_archive import fake_cme
+
+    replies = []
+    for pid in (1, 0):
+        msg = _reply(pid, **{"num-examples": 1})
+        msg.content["cme"] = ConfigRecord({"payload": encode(fake_cme(rng), pid, 4, "m"), "partition-id": pid})
+        replies.append(msg)
+    grid = OrderedGrid(FakeGrid([1], replies), on_reply=CMEArchiveWriter(tmp_path).collect)
+    out = grid.send_and_receive([])
+    assert all("cme" not in m.content.config_records for m in out)  # strategies never see them
+    arch = CMEArchive(tmp_path)
+    assert arch.clients == [0, 1] and arch.rounds(1) == [4]

@@ -1,10 +1,9 @@
-"""aicnet3d end to end: ``fedsim run --task aicnet3d --profile tiny --rounds 2`` with 3 clients
-(Ray simulation through the CLI), then the task's CARE / Grad-CAM figures from the run."""
+"""aicnet3d end to end: ``fedsim run --task aicnet3d --profile tiny --rounds 2 --cme`` with 3
+clients (Ray simulation through the CLI), then ``fedsim analyze``: CME figures of the task's
+default layer and the task's CARE / Grad-CAM figures."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -12,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.clients.tasks import get_task
-from fedsim.config import RunConfig
 from fedsim.server.rundir import RunDir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,17 +18,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLIENT_METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auc", "balanced_accuracy", "loss")
 
 
-def _config_from_run(out: Path) -> RunConfig:
-    d = json.loads((out / "config.json").read_text())
-    names = {f.name for f in dataclasses.fields(RunConfig)} - {"extra"}
-    kw = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-    return RunConfig(**kw)
-
-
 def test_tiny_run_writes_per_client_metrics_and_figures(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedsim.cli", "run", "--task", "aicnet3d", "--profile", "tiny", "--rounds", "2",
-           "--task-option", "finetune-rounds=1", "--out", str(out)]  # fmt: skip
+           "--task-option", "finetune-rounds=1", "--cme", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = RunDir(out).read_metrics()
@@ -48,6 +38,10 @@ def test_tiny_run_writes_per_client_metrics_and_figures(tmp_path):
     assert "consistency" in " ".join(rows[1]["clients"][0]) and "train_consistency" not in rows[0]["clients"][0]
     params = RunDir(out).load_params()
     assert "att1.attn.0.q.weight" in params and "conv5.0.weight" in params  # whole model aggregated
-    cfg = _config_from_run(out)
-    paths = get_task("aicnet3d").analysis_figures(out, cfg, tmp_path / "figs")
-    assert len(paths) == 4 and all(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "analyze", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    figs = out / "analysis"
+    task_figs = sorted(figs.glob("aicnet3d_care_gradcam_*.png"))
+    assert len(task_figs) == 4 and all(p.stat().st_size > 1000 for p in task_figs)
+    assert {p.name for p in figs.glob("client*_cme.png")} == {"client0_cme.png", "client1_cme.png", "client2_cme.png"}
+    assert '"layer": "conv5.0.weight"' in (figs / "summary.json").read_text()

@@ -50,7 +50,7 @@ def client_curves(rows: Sequence[Mapping[str, Any]]) -> ClientCurves:
     for j, r in enumerate(rows):
         for c in r["clients"]:
             for m in metrics:
-                if m in c:
+                if c.get(m) is not None:  # null = undefined metric (stays NaN)
                     values[m][pos[int(c["client"])], j] = float(c[m])
     return ClientCurves(rounds, clients, tuple(models[c] for c in clients), values)
 

@@ -33,7 +33,7 @@ from fedsim.analysis.cme import (
 from fedsim.analysis.curves import ClientCurvesDisplay, client_curves
 from fedsim.analysis.figures import ClientCMEFigure, pick_rounds
 from fedsim.cme.archive import CMEArchive, NoCMERecordsError
-from fedsim.server.rundir import RunDir, atomic_write_bytes
+from fedsim.server.rundir import RunDir, atomic_write_bytes, finite_json
 
 ANALYSIS_DIR = "analysis"
 
@@ -141,7 +141,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
         "clients": clients_out,
         "global": rows[-1].get("global"),
     }
-    atomic_write_bytes(out_dir / "summary.json", (json.dumps(_finite(summary), indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "summary.json", (json.dumps(finite_json(summary), indent=2) + "\n").encode())
     atomic_write_bytes(out_dir / "report.md", render_report(summary, figures, out_dir).encode())
     return AnalysisResult(out_dir, summary, figures, archive is not None)
 
@@ -151,17 +151,6 @@ def _client_entry(base: dict[str, Any], last_row: dict[str, Any], metric: str) -
     entry["final_metrics"] = {k: v for k, v in last_row.items() if k.startswith(("train_", "test_"))}
     entry[f"final_test_{metric}"] = last_row.get(f"test_{metric}")
     return entry
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN: NaN/inf become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

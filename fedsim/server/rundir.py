@@ -7,6 +7,7 @@ never leaves a half-written file; an existing run is never overwritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -18,6 +19,17 @@ import numpy as np
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "global_params.safetensors"
+
+
+def finite_json(obj: Any) -> Any:
+    """A copy of ``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 class RunDirExistsError(FileExistsError):
@@ -67,8 +79,10 @@ class RunDir:
         return json.loads(path.read_text(encoding="utf-8"))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one round; NaN/inf (an undefined metric, e.g. sensitivity without positives)
+        are written as ``null`` so the file stays strict JSON."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(finite_json(record), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -33,3 +33,10 @@ def test_display_draws_the_computed_arrays():
     np.testing.assert_array_equal(test_line.get_xdata(), c.rounds)
     np.testing.assert_array_equal(test_line.get_ydata(), c.values["test_accuracy"][1])
     np.testing.assert_array_equal(loss_ax.lines[1].get_ydata(), c.values["train_loss"][0])
+
+
+def test_null_metrics_stay_nan():
+    rows = [{"round": 1, "clients": [{"client": 0, "model": "m", "test_auc": None, "train_auc": 0.5}]}]
+    c = client_curves(rows)
+    assert np.isnan(c.values["train_auc"][0, 0]) is np.False_ and c.values["train_auc"][0, 0] == 0.5
+    assert "test_auc" not in c.values or np.isnan(c.values["test_auc"][0, 0])

@@ -47,3 +47,11 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == [PARAMS_FILE]  # temp file cleaned up
+
+
+def test_undefined_metrics_are_written_as_null(tmp_path):
+    rd = RunDir(tmp_path / "r").create()
+    rd.append_metrics({"round": 1, "clients": [{"client": 0, "test_sensitivity": float("nan")}], "global": {"auc": float("inf")}})
+    line = (rd.path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert rd.read_metrics() == [{"round": 1, "clients": [{"client": 0, "test_sensitivity": None}], "global": {"auc": None}}]

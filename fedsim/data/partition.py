@@ -109,3 +109,19 @@ def split_train_test(indices: Sequence[int] | np.ndarray, test_fraction: float, 
     perm = np.random.default_rng(seed).permutation(idx)
     n_test = min(max(1, round(test_fraction * len(idx))), len(idx) - 1)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def stratified_split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (rest, held-out) with ``fraction`` of each class held out (>= 1 per class
+    that has >= 2 members), so a small local test set still holds both classes."""
+    rest, held = [], []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        if len(members) < 2:
+            rest.append(members)
+            continue
+        r, h = split_train_test(members, fraction, seed + int(c))
+        rest.append(r)
+        held.append(h)
+    cat = lambda xs: np.sort(np.concatenate(xs)) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return cat(rest), cat(held)

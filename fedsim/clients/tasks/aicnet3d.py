@@ -53,7 +53,7 @@ from fedsim.clients.tasks import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
 from fedsim.clients.training import TrainCallback, TrainInfo
 from fedsim.config import ConfigError, Profile, RunConfig
-from fedsim.data.partition import PartitionParams, partition, split_train_test
+from fedsim.data.partition import PartitionParams, partition, stratified_split
 from fedsim.data.synthetic_oct import (
     CLASS_NAMES,
     VolumeFiles,
@@ -164,22 +164,6 @@ class Split:
 
     global_test: np.ndarray
     clients: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
-
-
-def stratified_split(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (rest, held-out) with ``fraction`` of each class held out (>= 1 per class
-    that has >= 2 members), so a small local test set still holds both classes."""
-    rest, held = [], []
-    for c in np.unique(labels[idx]):
-        members = idx[labels[idx] == c]
-        if len(members) < 2:
-            rest.append(members)
-            continue
-        r, h = split_train_test(members, fraction, seed + int(c))
-        rest.append(r)
-        held.append(h)
-    cat = lambda xs: np.sort(np.concatenate(xs)) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return cat(rest), cat(held)
 
 
 def make_split(cfg: RunConfig, labels: np.ndarray, val_fraction: float | None) -> Split:

@@ -1,0 +1,219 @@
+"""Real CT landmark cases in the H3DE-Net authors' layout (arXiv 2502.14221): read and write.
+
+One folder holds three files per case::
+
+    DATA_DIR/<case>_volume.nrrd    the CT volume (read with pynrrd, index order F -> (X, Y, Z))
+    DATA_DIR/<case>_label.npy      (L, 3) landmark voxel coordinates, same axis order;
+                                   a missing landmark has coordinates < -100 (written as -1000)
+    DATA_DIR/<case>_spacing.npy    3 values: mm per voxel along X, Y, Z
+
+Loaded cases are :class:`fedsim.data.synthetic_ct.CTCase`: missing landmarks become NaN rows, the
+spacing comes from ``_spacing.npy`` (the NRRD header's is not used) and the intensities are
+scaled to [0, 1] by :func:`scale_intensities`:
+
+* the volume looks like Hounsfield units (its minimum is <= -500, i.e. it holds air at about
+  -1000 HU): clipped to the CT window [-1000, 2000] HU and mapped linearly (air 0, water 1/3,
+  dense bone and teeth towards 1);
+* it already lies in [0, 1] (e.g. written from a synthetic case): kept unchanged;
+* otherwise (e.g. unsigned data with an offset): min-max scaled (a constant volume becomes 0).
+
+Every problem raises :class:`CTDataError` naming the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.data.synthetic_ct import CTCase
+
+VOLUME_SUFFIX, LABEL_SUFFIX, SPACING_SUFFIX = "_volume.nrrd", "_label.npy", "_spacing.npy"
+#: The authors flag a missing landmark by coordinates below this; we write MISSING_VALUE.
+MISSING_BELOW, MISSING_VALUE = -100.0, -1000.0
+HU_WINDOW = (-1000.0, 2000.0)
+#: Present landmarks may lie this many voxels outside the volume's extent [-0.5, n - 0.5].
+LANDMARK_TOLERANCE = 1.0
+EXPECTED_LAYOUT = (
+    f"expected DATA_DIR/<case>{VOLUME_SUFFIX} (the CT volume) with DATA_DIR/<case>{LABEL_SUFFIX} "
+    f"((L, 3) landmark voxel coordinates, missing landmarks < {MISSING_BELOW:g}) and "
+    f"DATA_DIR/<case>{SPACING_SUFFIX} (3 values, mm per voxel along X, Y, Z)"
+)
+
+
+class CTDataError(ValueError):
+    """A CT data folder or one of its files cannot be used; the message names them."""
+
+
+def _paths(data_dir: str | Path, case_id: str) -> tuple[Path, Path, Path]:
+    root = Path(data_dir)
+    return root / f"{case_id}{VOLUME_SUFFIX}", root / f"{case_id}{LABEL_SUFFIX}", root / f"{case_id}{SPACING_SUFFIX}"
+
+
+def scan_ct_folder(data_dir: str | Path) -> list[str]:
+    """Sorted case ids of ``data_dir`` (one per ``<case>_volume.nrrd``); checks that every volume
+    has its label and spacing file (only file names are looked at: cheap)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise CTDataError(f"CT data folder {root} does not exist; {EXPECTED_LAYOUT}")
+    ids = sorted(p.name[: -len(VOLUME_SUFFIX)] for p in root.glob(f"*{VOLUME_SUFFIX}") if p.is_file())
+    if not ids:
+        raise CTDataError(f"no *{VOLUME_SUFFIX} files found in {root}; {EXPECTED_LAYOUT}")
+    missing = [str(p) for c in ids for p in _paths(root, c)[1:] if not p.is_file()]
+    if missing:
+        raise CTDataError(
+            f"CT cases in {root} lack their label or spacing file: missing {', '.join(missing[:10])}; {EXPECTED_LAYOUT}"
+        )
+    return ids
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise CTDataError(f"{what} file {path} does not exist; {EXPECTED_LAYOUT}")
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except (ValueError, OSError, EOFError) as exc:
+        raise CTDataError(f"cannot read {what} file {path} as a .npy array: {exc}") from exc
+
+
+def load_ct_labels(data_dir: str | Path, case_id: str, num_landmarks: int | None = None) -> np.ndarray:
+    """Landmarks ``(L, 3)`` float64 voxel coordinates of a case, missing ones (any coordinate
+    < -100, or NaN) as NaN rows; cheap (the volume is not read)."""
+    path = _paths(data_dir, case_id)[1]
+    lm = _load_npy(path, "landmark label")
+    if lm.ndim != 2 or lm.shape[1] != 3 or len(lm) == 0 or not np.issubdtype(lm.dtype, np.number):
+        raise CTDataError(
+            f"landmark label file {path} holds a {lm.dtype} array of shape {lm.shape}; expected (L, 3) voxel coordinates"
+        )
+    if num_landmarks is not None and len(lm) != num_landmarks:
+        raise CTDataError(f"landmark label file {path} has {len(lm)} landmarks; expected {num_landmarks}")
+    lm = lm.astype(np.float64)
+    missing = np.isnan(lm).any(axis=1) | (lm < MISSING_BELOW).any(axis=1)
+    if not np.isfinite(lm[~missing]).all():
+        raise CTDataError(f"landmark label file {path} holds infinite coordinates")
+    lm[missing] = np.nan
+    return lm
+
+
+def load_ct_spacing(data_dir: str | Path, case_id: str) -> np.ndarray:
+    """The case's voxel spacing ``(3,)`` float64 in mm (X, Y, Z)."""
+    path = _paths(data_dir, case_id)[2]
+    sp = _load_npy(path, "spacing")
+    if sp.size != 3 or not np.issubdtype(sp.dtype, np.number):
+        raise CTDataError(
+            f"spacing file {path} holds a {sp.dtype} array of shape {sp.shape}; expected 3 values (mm along X, Y, Z)"
+        )
+    sp = sp.astype(np.float64).reshape(3)
+    if not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise CTDataError(f"spacing file {path} holds {sp.tolist()}; expected 3 positive finite values (mm along X, Y, Z)")
+    return sp
+
+
+def _read_nrrd(path: Path) -> np.ndarray:
+    import nrrd
+
+    if not path.is_file():
+        raise CTDataError(f"volume file {path} does not exist; {EXPECTED_LAYOUT}")
+    try:
+        data, _ = nrrd.read(str(path), index_order="F")
+    except Exception as exc:  # pynrrd raises NRRDError, ValueError, zlib/gzip errors ... on bad files
+        msg = f"cannot read {path} as an NRRD volume ({type(exc).__name__}: {exc}); is the file complete?"
+        raise CTDataError(msg) from exc
+    return np.asarray(data)
+
+
+def scale_intensities(volume: np.ndarray) -> np.ndarray:
+    """Float32 in [0, 1] by the module's rule: HU window [-1000, 2000] if the minimum is <= -500,
+    unchanged if already in [0, 1], else min-max."""
+    v = np.asarray(volume, dtype=np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    if lo <= -500.0:
+        return np.clip((v - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0.0, 1.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return v
+    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+
+
+def load_ct_case(data_dir: str | Path, case_id: str, num_landmarks: int | None = None) -> CTCase:
+    """Read one case (volume, landmarks, spacing) and check it: the volume is 3-D and finite, the
+    labels are ``(L, 3)`` (``L == num_landmarks`` if given), the spacing is 3 positive values and
+    every present landmark lies inside the volume (+- :data:`LANDMARK_TOLERANCE` voxels)."""
+    vol_path = _paths(data_dir, case_id)[0]
+    landmarks = load_ct_labels(data_dir, case_id, num_landmarks)
+    spacing = load_ct_spacing(data_dir, case_id)
+    vol = _read_nrrd(vol_path)
+    if vol.ndim != 3:
+        raise CTDataError(
+            f"volume file {vol_path} holds a {vol.ndim}-D array of shape {vol.shape}; expected a 3-D CT volume (X, Y, Z)"
+        )
+    if not np.issubdtype(vol.dtype, np.number) or not np.isfinite(vol).all():
+        raise CTDataError(f"volume file {vol_path} holds NaN, infinite or non-numeric values")
+    present = ~np.isnan(landmarks).any(axis=1)
+    upper = np.asarray(vol.shape) - 0.5 + LANDMARK_TOLERANCE
+    outside = present & ((landmarks < -0.5 - LANDMARK_TOLERANCE) | (landmarks > upper)).any(axis=1)
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        raise CTDataError(
+            f"landmark label file {_paths(data_dir, case_id)[1]}: {int(outside.sum())} landmark(s) lie outside the volume "
+            f"{vol.shape} of {vol_path}, e.g. landmark {k} at {landmarks[k].tolist()}; are the coordinates in voxels, "
+            f"in the volume's (X, Y, Z) order?"
+        )
+    return CTCase(scale_intensities(vol), landmarks, spacing, str(case_id))
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file next to ``path``, then rename it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    _replace_atomically(path, write)
+
+
+def write_ct_case(
+    data_dir: str | Path, case_id: str, volume: np.ndarray, landmarks: np.ndarray, spacing: np.ndarray
+) -> None:
+    """Write a case in the authors' layout: ``<case>_volume.nrrd`` (the volume's own dtype, gzip,
+    with the spacing in its ``space directions``), ``<case>_label.npy`` (float64, NaN rows
+    written as -1000) and ``<case>_spacing.npy`` (float64). Each file is written to a temporary
+    name and renamed, the volume last, so an interrupted write leaves no half-written file and
+    no volume without its labels."""
+    import nrrd
+
+    vol = np.asarray(volume)
+    lm = np.array(landmarks, dtype=np.float64)
+    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be 3-D (X, Y, Z), got shape {vol.shape}")
+    if lm.ndim != 2 or lm.shape[1] != 3:
+        raise ValueError(f"landmarks must be (L, 3) voxel coordinates, got shape {lm.shape}")
+    if sp.shape != (3,) or not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise ValueError(f"spacing must be 3 positive finite values (mm), got {np.asarray(spacing).tolist()}")
+    if vol.dtype == np.bool_ or vol.dtype == np.float16:
+        vol = vol.astype(np.uint8 if vol.dtype == np.bool_ else np.float32)
+    lm[np.isnan(lm).any(axis=1)] = MISSING_VALUE
+
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    vol_path, lm_path, sp_path = _paths(root, case_id)
+    _save_npy(sp_path, sp)
+    _save_npy(lm_path, lm)
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag(sp),
+        "space origin": np.zeros(3),
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip",
+    }
+    _replace_atomically(vol_path, lambda tmp: nrrd.write(str(tmp), vol, header, index_order="F"))

@@ -1,0 +1,210 @@
+"""H3DE-Net backbones: a CNN stem + bi-level routing attention (BRA) encoder with a multi-scale
+convolutional decoder, and a plain 3D U-Net baseline (H3DE-Net, arXiv 2502.14221).
+
+Both return a feature map for a landmark head (:mod:`fedsim.models.landmark_heads`):
+``H3DEBackbone`` at stride 4 with ``widths[0]`` channels, ``UNet3DBackbone`` at full resolution.
+
+**Bi-level routing attention** (BiFormer, Zhu et al., CVPR 2023, extended to 3D as in H3DE-Net):
+the feature map is split into a grid of regions (4 x 4 x 2, fewer on an axis that is too short or
+not divisible); region-level queries and keys are the
+means of the token-level ones; the region affinity ``q_r k_r^T`` picks, for every query region,
+its top-k key regions; the query tokens of a region then attend (multi-head, token level) only to
+the tokens of those k regions. A local positional term (LePE, a depthwise 5x5x5 convolution of
+``v``) is added and the result projected by ``Linear(C, C)``. With ``top-k`` = the number of
+regions this is exactly full multi-head self-attention (+ LePE + projection); small ``k`` makes the
+cost grow with ``k`` instead of the number of regions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BiLevelRoutingAttention3d(nn.Module):
+    """BRA on channels-last tokens ``(B, X, Y, Z, C)`` (see the module docstring)."""
+
+    def __init__(self, dim: int, num_heads: int, regions: tuple[int, int, int] = (4, 4, 2), topk: int = 4, lepe_kernel: int = 5) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if len(regions) != 3 or min(regions) < 1 or topk < 1:
+            raise ValueError(f"regions must be three positive counts and topk >= 1, got {regions} and {topk}")
+        self.dim, self.num_heads, self.regions, self.topk = dim, num_heads, tuple(regions), topk
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lepe = nn.Conv3d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def region_grid(self, size: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Regions per axis for a feature map of ``size``: the largest count ``<= regions_i`` that
+        divides ``size_i`` (``regions_i`` itself whenever it divides, as at the paper's input size;
+        smaller maps, e.g. deep stages of small crops, get fewer, equal regions)."""
+        return tuple(max(n for n in range(1, min(r, s) + 1) if s % n == 0) for r, s in zip(self.regions, size, strict=True))  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, *size, c = x.shape
+        g = self.region_grid(tuple(size))  # type: ignore[arg-type]
+        t = [s // n for s, n in zip(size, g, strict=True)]  # region size
+        n_r, n_t = g[0] * g[1] * g[2], t[0] * t[1] * t[2]
+        k = min(self.topk, n_r)
+        q, kk, v = self.qkv(x).chunk(3, dim=-1)
+
+        def regions(z: torch.Tensor) -> torch.Tensor:  # (B, X, Y, Z, C) -> (B, nR, nT, C)
+            z = z.reshape(b, g[0], t[0], g[1], t[1], g[2], t[2], c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+            return z.reshape(b, n_r, n_t, c)
+
+        qr, kr, vr = regions(q), regions(kk), regions(v)
+        affinity = qr.mean(2) @ kr.mean(2).transpose(1, 2)  # (B, nR, nR)
+        idx = affinity.topk(k, dim=-1).indices  # (B, nR, k); the choice itself is not differentiated
+
+        def gather(z: torch.Tensor) -> torch.Tensor:  # (B, nR, nT, C) -> (B, nR, k * nT, C)
+            sel = idx[:, :, :, None, None].expand(b, n_r, k, n_t, c)
+            return torch.gather(z[:, None].expand(b, n_r, n_r, n_t, c), 2, sel).reshape(b, n_r, k * n_t, c)
+
+        h, d = self.num_heads, c // self.num_heads
+        heads = lambda z: z.reshape(*z.shape[:3], h, d).transpose(2, 3)  # noqa: E731  (B, nR, h, n, d)
+        attn = (heads(qr) * self.scale) @ heads(gather(kr)).transpose(-1, -2)
+        out = attn.softmax(-1) @ heads(gather(vr))  # (B, nR, h, nT, d)
+        out = out.transpose(2, 3).reshape(b, g[0], g[1], g[2], t[0], t[1], t[2], c)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *size, c)
+        lepe = self.lepe(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        return self.proj(out + lepe)
+
+
+class H3DEBlock(nn.Module):
+    """``x += DWConv3d(x)`` (positional encoding); ``x += BRA(LN(x))``; ``x += MLP(LN(x))``; channels-last."""
+
+    def __init__(self, dim: int, num_heads: int, topk: int, regions: tuple[int, int, int], mlp_ratio: int) -> None:
+        super().__init__()
+        self.pos = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = BiLevelRoutingAttention3d(dim, num_heads, regions, topk)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass(frozen=True)
+class H3DEArch:
+    """Encoder widths/depths per stage, BRA top-k per stage, region grid; defaults are the paper's."""
+
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    depths: tuple[int, int, int, int] = (2, 2, 4, 2)
+    topk: tuple[int, int, int, int] = (1, 4, 16, 16)
+    regions: tuple[int, int, int] = (4, 4, 2)
+    stem_width: int = 32
+    mlp_ratio: int = 4
+    head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "depths", "topk"):
+            v = getattr(self, name)
+            if len(v) != 4 or min(v) < 1:
+                raise ValueError(f"{name} must be 4 positive values (one per stage), got {v}")
+        if len(self.regions) != 3 or min(self.regions) < 1:
+            raise ValueError(f"regions must be 3 positive counts, got {self.regions}")
+        if min(self.stem_width, self.mlp_ratio, self.head_dim) < 1:
+            raise ValueError("stem_width, mlp_ratio and head_dim must be >= 1")
+
+    def heads(self, width: int) -> int:
+        n = max(1, width // self.head_dim)
+        while width % n:
+            n -= 1
+        return n
+
+
+def _conv_norm(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.InstanceNorm3d(cout, affine=True)]
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    """Two ``Conv3d k3 + InstanceNorm + LeakyReLU``."""
+    return nn.Sequential(*_conv_norm(cin, cout), nn.LeakyReLU(0.01), *_conv_norm(cout, cout), nn.LeakyReLU(0.01))
+
+
+def _check_divisible(x: torch.Tensor, factor: int, what: str) -> None:
+    size = tuple(x.shape[2:])
+    if len(size) != 3 or any(s % factor for s in size):
+        raise ValueError(f"{what} needs a 3D input (B, C, X, Y, Z) with every size divisible by {factor}; got {tuple(x.shape)}")
+
+
+class H3DEBackbone(nn.Module):
+    """H3DE-Net's hybrid encoder (CNN stem, four BRA stages) and multi-scale decoder.
+
+    ``(B, in_channels, X, Y, Z) -> (B, widths[0], X/4, Y/4, Z/4)``; sizes must be divisible by 32
+    and larger than 32 on at least one axis (the stride-32 map needs two voxels for InstanceNorm).
+    """
+
+    stride = 4
+
+    def __init__(self, arch: H3DEArch | None = None, in_channels: int = 1) -> None:
+        super().__init__()
+        a = arch or H3DEArch()
+        w = a.widths
+        self.out_channels = w[0]
+        self.stem = nn.Sequential(*_conv_norm(in_channels, a.stem_width, 2), nn.GELU(), *_conv_norm(a.stem_width, w[0], 2))
+        self.downsample = nn.ModuleList(nn.Sequential(*_conv_norm(w[i], w[i + 1], 2)) for i in range(3))
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(H3DEBlock(w[i], a.heads(w[i]), a.topk[i], a.regions, a.mlp_ratio) for _ in range(a.depths[i])))
+            for i in range(4)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(w[i]) for i in range(4))
+        self.decoder = nn.ModuleList(_double_conv(w[i + 1] + w[i], w[i]) for i in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_divisible(x, 32, "H3DEBackbone")
+        if x.shape[2:].numel() < 2 * 32**3:
+            raise ValueError(
+                f"H3DEBackbone needs more than one voxel at stride 32 (InstanceNorm): an input larger than 32 on "
+                f"some axis, e.g. 64 x 64 x 32; got {tuple(x.shape[2:])}"
+            )
+        x = self.stem(x)
+        skips = []
+        for i in range(4):
+            if i:
+                x = self.downsample[i - 1](x)
+            x = self.norms[i](self.stages[i](x.permute(0, 2, 3, 4, 1))).permute(0, 4, 1, 2, 3)
+            skips.append(x)
+        for i in (2, 1, 0):  # stride 32 -> 16 -> 8 -> 4
+            up = F.interpolate(x, size=skips[i].shape[2:], mode="trilinear", align_corners=False)
+            x = self.decoder[i](torch.cat([up, skips[i]], 1))
+        return x
+
+
+class UNet3DBackbone(nn.Module):
+    """A plain 3D U-Net (the paper's UNet3D baseline): per level two ``Conv3d k3 + InstanceNorm +
+    LeakyReLU``, max-pooling down, trilinear upsampling + concatenation up. Full-resolution output
+    ``(B, widths[0], X, Y, Z)``; sizes must be divisible by ``2 ** (len(widths) - 1)``."""
+
+    stride = 1
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), in_channels: int = 1) -> None:
+        super().__init__()
+        if len(widths) < 2 or min(widths) < 1:
+            raise ValueError(f"widths must be >= 2 positive values (one per level), got {widths}")
+        self.widths = tuple(widths)
+        self.out_channels = widths[0]
+        self.down = nn.ModuleList(_double_conv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(len(widths)))
+        self.up = nn.ModuleList(_double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_divisible(x, 2 ** (len(self.widths) - 1), "UNet3DBackbone")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(F.max_pool3d(x, 2) if i else x)
+            skips.append(x)
+        for i in range(len(self.up) - 1, -1, -1):
+            up = F.interpolate(x, size=skips[i].shape[2:], mode="trilinear", align_corners=False)
+            x = self.up[i](torch.cat([up, skips[i]], 1))
+        return x
+
+
+__all__ = ["BiLevelRoutingAttention3d", "H3DEArch", "H3DEBackbone", "H3DEBlock", "UNet3DBackbone"]

@@ -70,7 +70,7 @@ class AnchorHead(nn.Module):
             raise ValueError(f"need num_landmarks >= 1, stride >= 1 and positive radii; got {num_landmarks}, {stride}, {radii}")
         self.num_landmarks = num_landmarks
         self.stride = stride
-        self.register_buffer("radii", torch.tensor(radii, dtype=torch.float32), persistent=False)
+        self.radii = tuple(float(r) for r in radii)  # not a buffer: models are also built on "meta"
         self.other_weight = other_weight
         self.neg_ratio = neg_ratio
         self.missing_negatives = missing_negatives
@@ -79,7 +79,10 @@ class AnchorHead(nn.Module):
 
     @property
     def num_anchors(self) -> int:
-        return int(self.radii.numel())
+        return len(self.radii)
+
+    def _radii(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.radii, device=like.device, dtype=like.dtype)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, C, gx, gy, gz)`` -> raw output ``(B, A * (3 + L), gx, gy, gz)``."""
@@ -109,7 +112,7 @@ class AnchorHead(nn.Module):
         u = self.to_grid(landmarks.float())  # (B, L, 3)
         centres = _grid_centres(grid, dev, torch.float32).flatten(1)  # (3, G)
         d = u[:, :, :, None] - centres[None, None]  # (B, L, 3, G)
-        r = self.radii.to(dev)[None, :, None, None, None]  # (1, A, 1, 1, 1)
+        r = self._radii(u)[None, :, None, None, None]  # (1, A, 1, 1, 1)
         inside = (d.abs()[:, None] <= r).all(3)  # (B, A, L, G); NaN compares False -> missing never inside
         dist = torch.where(inside, (d**2).sum(2)[:, None], torch.full_like(inside, torch.inf, dtype=torch.float32))
         best, owner = dist.min(2)  # (B, A, G)
@@ -162,7 +165,7 @@ class AnchorHead(nn.Module):
         b, a, num_l = logits.shape[:3]
         grid = tuple(out.shape[2:])
         centres = _grid_centres(grid, out.device, off.dtype).flatten(1)  # (3, G)
-        r = self.radii.to(out.device, off.dtype)[None, :, None, None]
+        r = self._radii(off)[None, :, None, None]
         pos = self.to_voxel(centres[None, None] + r * off.flatten(3))  # (B, A, 3, G)
         pos = pos.permute(0, 1, 3, 2).reshape(b, -1, 3)  # (B, A*G, 3)
         scores = logits.flatten(3).permute(0, 2, 1, 3).reshape(b, num_l, -1)  # (B, L, A*G)

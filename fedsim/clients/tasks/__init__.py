@@ -32,5 +32,6 @@ def list_tasks() -> list[str]:
 
 from fedsim.clients.tasks import brain_mri  # noqa: E402,F401  (registration)
 from fedsim.clients.tasks import aicnet3d  # noqa: E402,F401  (registration)
+from fedsim.clients.tasks import h3denet  # noqa: E402,F401  (registration)
 
 __all__ = ["TASKS", "LocalResult", "Task", "get_task", "list_tasks", "register_task"]

@@ -165,6 +165,11 @@ class RunConfig:
         models = self.models
         if not models and task.default_model is not None:  # a task with one architecture (3D tasks)
             models = filled["models"] = (task.default_model,) * self.clients
+        if task.default_model is not None and len(set(models)) > 1:
+            raise ConfigError(
+                f"task {self.task!r} aggregates the whole model, so every client needs the same one; got "
+                f"{', '.join(models)} (give one name per client, e.g. --models {models[0]},{models[0]},{models[0]})"
+            )
         if not self.server_model:
             same = models and len(set(models)) == 1
             filled["server_model"] = models[0] if same else self.scenario_spec.server_model

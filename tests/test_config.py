@@ -86,3 +86,21 @@ def test_pyproject_app_config_is_a_valid_run_config():
         "serverapp": "fedsim.server.app:app",
         "clientapp": "fedsim.clients.app:app",
     }
+
+
+def test_single_architecture_tasks_refuse_mixed_models():
+    with pytest.raises(ConfigError, match="every client needs the same one; got h3denet, unet3d, unet3d"):
+        RunConfig(task="h3denet", profile="tiny", models=("h3denet", "unet3d", "unet3d")).resolve()
+    with pytest.raises(ConfigError, match="every client needs the same one"):
+        RunConfig(task="aicnet3d", profile="tiny", models=("aicnet3d_plain", "aicnet3d_epa", "aicnet3d_plain")).resolve()
+
+
+@pytest.mark.parametrize("task", ["h3denet", "aicnet3d"])
+def test_cli_reports_bad_3d_data_folders_without_a_traceback(task, tmp_path, capsys):
+    from fedsim.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["run", "--task", task, "--profile", "tiny", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fedsim: error: no ") and "expected" in err
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.data.folder import DataLayoutError
+
 from fedsim.data.synthetic_ct import CTCase
 
 VOLUME_SUFFIX, LABEL_SUFFIX, SPACING_SUFFIX = "_volume.nrrd", "_label.npy", "_spacing.npy"
@@ -43,7 +45,7 @@ EXPECTED_LAYOUT = (
 )
 
 
-class CTDataError(ValueError):
+class CTDataError(DataLayoutError):
     """A CT data folder or one of its files cannot be used; the message names them."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.data.folder import DataLayoutError
+
 CLASS_NAMES = ("normal", "glaucoma")
 #: Folder names accepted for each class in a class-per-folder tree (case-insensitive).
 FOLDER_CLASSES = {
@@ -154,7 +156,7 @@ def generate_cohort(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.
 
 
 # ---------------------------------------------------------------- real volumes
-class OCTDataError(ValueError):
+class OCTDataError(DataLayoutError):
     """The OCT data folder or one of its files cannot be used; the message names them."""
 
 

@@ -196,7 +196,10 @@ class UNet3DBackbone(nn.Module):
         self.up = nn.ModuleList(_double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_divisible(x, 2 ** (len(self.widths) - 1), "UNet3DBackbone")
+        f = 2 ** (len(self.widths) - 1)
+        _check_divisible(x, f, "UNet3DBackbone")
+        if x.shape[2:].numel() < 2 * f**3:
+            raise ValueError(f"UNet3DBackbone needs more than one voxel at its bottom level (InstanceNorm); got {tuple(x.shape[2:])}")
         skips = []
         for i, block in enumerate(self.down):
             x = block(F.max_pool3d(x, 2) if i else x)

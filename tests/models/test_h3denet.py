@@ -73,6 +73,8 @@ def test_region_grid_clamps_to_small_maps_and_rejects_bad_sizes():
         H3DEBackbone(TINY)(torch.randn(1, 1, 64, 48, 32))
     with pytest.raises(ValueError, match="larger than 32"):
         H3DEBackbone(TINY)(torch.randn(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match="bottom level"):
+        UNet3DBackbone((4, 8, 16))(torch.randn(1, 1, 4, 4, 4))
     with pytest.raises(ValueError, match="divisible by 4"):
         UNet3DBackbone((4, 8, 16))(torch.randn(1, 1, 8, 8, 6))
     with pytest.raises(ValueError, match="4 positive values"):

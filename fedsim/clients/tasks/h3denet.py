@@ -60,7 +60,7 @@ from fedsim.registry import Registry
 #: ``image_size`` = crop side ``s``; the crop is ``s x s x s/2``.
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(image_size=64, num_samples=40, rounds=2, local_epochs=2, batch_size=2, lr=1e-3),
-    "quick": Profile(image_size=64, num_samples=150, rounds=8, local_epochs=2, batch_size=2, lr=1e-3),
+    "quick": Profile(image_size=64, num_samples=240, rounds=20, local_epochs=2, batch_size=2, lr=1e-3),
     "paper": Profile(image_size=128, num_samples=400, rounds=20, local_epochs=5, batch_size=2, lr=1e-3),
 }
 

@@ -56,6 +56,23 @@ class ProgressLogger(TrainCallback):
         self._t = now
 
 
+class ProximalTerm:
+    """FedProx's ``mu/2 * ||w - w_anchor||^2`` over the parameters named in ``anchor`` (the weights
+    received from the server this round); false (and never evaluated) when ``mu == 0`` or there is
+    no anchor, so plain strategies pay nothing. ``loss = loss + prox()`` where ``if prox:``."""
+
+    def __init__(self, model: nn.Module, anchor: Mapping[str, torch.Tensor] | None, mu: float, device: torch.device) -> None:
+        params = dict(model.named_parameters())
+        self.mu = mu
+        self.pairs = [(params[k], v.to(device)) for k, v in (anchor or {}).items() if k in params] if mu > 0 else []
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    def __call__(self) -> torch.Tensor:
+        return 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in self.pairs)  # type: ignore[return-value]
+
+
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images -> float in [-1, 1] on ``device``."""
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
@@ -82,10 +99,7 @@ def train_classifier(
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)  # multi-tensor: faster on CPU too
     loss_fn = nn.CrossEntropyLoss()
-    prox: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if proximal_mu > 0 and anchor:
-        params = dict(model.named_parameters())
-        prox = [(params[k], v.to(device)) for k, v in anchor.items() if k in params]
+    prox = ProximalTerm(model, anchor, proximal_mu, device)
     for cb in callbacks:
         cb.on_train_start(model, info)
     metrics: dict[str, float] = {}
@@ -100,7 +114,7 @@ def train_classifier(
             logits = model(x)
             loss = loss_fn(logits, y)
             if prox:
-                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in prox)
+                loss = loss + prox()
             loss.backward()
             opt.step()
             total += len(y)

@@ -137,3 +137,16 @@ def test_evaluation_measures_errors_with_the_resampled_spacing():
     assert metrics["landmarks"] == sum(counts)
     assert metrics["sdr-4mm"] == pytest.approx(100 * (expected <= 4).mean()) and not math.isnan(metrics["loss"])
     assert not np.allclose(per_case, [c.spacing[0] for c in cases])  # the original spacing would be wrong
+
+
+def test_fedprox_term_keeps_the_weights_near_the_received_ones():
+    task = get_task("h3denet")
+    cfg = _cfg(local_epochs=1, num_samples=24)
+    drift = {}
+    for mu in (0.0, 100.0):
+        torch.manual_seed(0)
+        model = task.build_model("h3denet", cfg)
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+        task.train(model, cfg, 0, 1, torch.device("cpu"), proximal_mu=mu, anchor=anchor)
+        drift[mu] = sum(float((p.detach() - anchor[k]).square().sum()) for k, p in model.named_parameters())
+    assert drift[100.0] < 0.5 * drift[0.0]

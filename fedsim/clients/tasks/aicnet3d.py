@@ -51,7 +51,7 @@ from torch import nn
 from fedsim._logging import logger
 from fedsim.clients.tasks import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.clients.training import TrainCallback, TrainInfo
+from fedsim.clients.training import ProximalTerm, TrainCallback, TrainInfo
 from fedsim.config import ConfigError, Profile, RunConfig
 from fedsim.data.partition import PartitionParams, partition, stratified_split
 from fedsim.data.synthetic_oct import (
@@ -369,10 +369,7 @@ class AICNet3DTask(Task):
 
         model.to(device).train()
         opt = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
-        prox: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if proximal_mu > 0 and anchor:
-            params = dict(model.named_parameters())
-            prox = [(params[k], v.to(device)) for k, v in anchor.items() if k in params]
+        prox = ProximalTerm(model, anchor, proximal_mu, device)
         info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
         for cb in callbacks:
             cb.on_train_start(model, info)
@@ -403,7 +400,7 @@ class AICNet3DTask(Task):
                     loss = (1 - w) * loss + w * cons
                     cons_sum += float(cons.detach()) * len(b)
                 if prox:
-                    loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in prox)
+                    loss = loss + prox()
                 loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(b)

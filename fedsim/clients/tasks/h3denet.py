@@ -47,7 +47,7 @@ from fedsim._logging import logger
 from fedsim.analysis.landmarks import landmark_metrics, radial_errors
 from fedsim.clients.tasks import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.clients.training import TrainCallback, TrainInfo
+from fedsim.clients.training import ProximalTerm, TrainCallback, TrainInfo
 from fedsim.config import ConfigError, Profile, RunConfig
 from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, prepare_case
@@ -274,10 +274,7 @@ class H3DENetTask(Task):
 
         model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=opts.weight_decay)
-        prox: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if proximal_mu > 0 and anchor:
-            params = dict(model.named_parameters())
-            prox = [(params[k], v.to(device)) for k, v in anchor.items() if k in params]
+        prox = ProximalTerm(model, anchor, proximal_mu, device)
         info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
         for cb in callbacks:
             cb.on_train_start(model, info)
@@ -298,7 +295,7 @@ class H3DENetTask(Task):
                 out = model(x)
                 loss = model.loss(out, lm)
                 if prox:
-                    loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in prox)
+                    loss = loss + prox()
                 loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(prepared)

@@ -150,3 +150,33 @@ def test_fedprox_term_keeps_the_weights_near_the_received_ones():
         task.train(model, cfg, 0, 1, torch.device("cpu"), proximal_mu=mu, anchor=anchor)
         drift[mu] = sum(float((p.detach() - anchor[k]).square().sum()) for k, p in model.named_parameters())
     assert drift[100.0] < 0.5 * drift[0.0]
+
+
+def test_real_layout_folder_trains_and_evaluates_at_the_working_size(tmp_path):
+    """Cases in the authors' layout (any size) are resampled once to 1.25 x the crop; landmarks
+    keep their physical distances; local training and evaluation run on the node's folder."""
+    from fedsim.data.ct_folder import write_ct_case
+    from fedsim.data.synthetic_ct import generate_case
+
+    for i in range(6):
+        c = generate_case(i, (90, 70, 44), seed=3)
+        hu = c.volume * 3000.0 - 1000.0  # as HU
+        write_ct_case(tmp_path, f"case{i:02d}", hu, c.landmarks, c.spacing)
+    task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
+    cfg = _cfg(local_epochs=1)
+    train_idx, test_idx = task._client_indices(cfg, 0, str(tmp_path))
+    assert len(train_idx) + len(test_idx) == 6 and len(test_idx) >= 1
+    cases = task.cases(cfg, np.arange(6), str(tmp_path))
+    original = generate_case(1, (90, 70, 44), seed=3)  # case 1 is incomplete
+    assert cases[1].volume.shape == (80, 80, 40)
+    ok = np.isfinite(original.landmarks).all(1)
+    assert (np.isfinite(cases[1].landmarks).all(1) == ok).all() and not ok.all()
+    a, b = np.flatnonzero(ok)[:2]
+    mm = lambda lm, sp: np.linalg.norm((lm[a] - lm[b]) * sp)  # noqa: E731
+    assert mm(cases[1].landmarks, cases[1].spacing) == pytest.approx(mm(original.landmarks, original.spacing), rel=1e-6)
+    torch.manual_seed(0)
+    model = task.build_model("h3denet", cfg)
+    res = task.train(model, cfg, 0, 1, torch.device("cpu"), data_dir=str(tmp_path))
+    assert res.num_examples == len(train_idx) and math.isfinite(res.metrics["loss"])
+    ev = task.evaluate_local(model, cfg, 0, torch.device("cpu"), data_dir=str(tmp_path))
+    assert ev.num_examples == len(test_idx) and ev.metrics["landmarks"] > 0

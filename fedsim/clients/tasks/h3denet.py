@@ -183,12 +183,19 @@ def _scan(data_dir: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=6)
 def _cases(data_dir: str, native: tuple[int, int, int], seed: int, indices: tuple[int, ...], num_landmarks: int) -> tuple[CTCase, ...]:
-    """The cases of these cohort indices, generated or read once per process (only those a
-    process needs: no process holds the whole cohort)."""
+    """The cases of these cohort indices at the working size ``native`` (1.25 x the crop),
+    generated or read once per process (only those a process needs: no process holds the whole
+    cohort). Real volumes are resampled to it once, with their landmarks and spacing (exact, see
+    :func:`prepare_case`), so memory does not grow with the scanner's resolution."""
     if data_dir:
         ids = _scan(data_dir)
-        logger.info("reading %d CT cases from %s", len(indices), data_dir)
-        return tuple(load_ct_case(data_dir, ids[i], num_landmarks) for i in indices)
+        logger.info("reading %d CT cases from %s, resampled to %s", len(indices), data_dir, native)
+        out = []
+        for i in indices:
+            c = load_ct_case(data_dir, ids[i], num_landmarks)
+            p = prepare_case(c.volume, c.landmarks, c.spacing, native, 1.0, None)
+            out.append(CTCase(p.volume, p.landmarks, p.spacing, c.name))
+        return tuple(out)
     logger.info("generating %d synthetic CT cases of %s (seed %d)", len(indices), native, seed)
     return tuple(generate_case(i, native, seed) for i in indices)
 

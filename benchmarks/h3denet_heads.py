@@ -1,0 +1,77 @@
+"""h3denet: anchor head vs heatmap head vs U-Net baseline on the synthetic CT cohort.
+
+Runs ``fedsim run --task h3denet --profile PROFILE --models M,M,M`` for the three models (3 clients,
+iid, seed 0; the Flower Simulation Engine on Ray, as a user would) and tabulates the global
+model's metrics on the global test set after the last round, overall and on the incomplete cases,
+plus the mean of the clients' local-test MRE and the wall time (config written -> final
+parameters saved). A run folder that already holds a finished run is reused, not retrained.
+
+    python benchmarks/h3denet_heads.py --profile quick --out-root runs/h3-heads
+
+Writes ``benchmarks/results/h3denet-<profile>.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+MODELS = ("h3denet", "h3denet_heatmap", "unet3d")
+KEYS = ("mre", "sd", "sdr-2mm", "sdr-2.5mm", "sdr-3mm", "sdr-4mm")
+
+
+def finished(run: Path, rounds: int | None) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not (run / "global_params.safetensors").exists() or not metrics.exists():
+        return False
+    lines = metrics.read_text().splitlines()
+    return rounds is None or len(lines) == rounds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="quick")
+    ap.add_argument("--rounds", type=int, default=None, help="override the profile's rounds")
+    ap.add_argument("--out-root", default="runs/h3denet-heads")
+    args = ap.parse_args()
+    root = Path(args.out_root)
+    rows = {}
+    for m in MODELS:
+        run = root / m
+        if not finished(run, args.rounds):
+            cmd = [sys.executable, "-m", "fedsim.cli", "run", "--task", "h3denet", "--profile", args.profile,
+                   "--models", ",".join([m] * 3), "--out", str(run)]  # fmt: skip
+            if args.rounds:
+                cmd += ["--rounds", str(args.rounds)]
+            print("running", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        last = lines[-1]
+        g = last["global"]
+        rows[m] = {
+            "rounds": last["round"],
+            "global": {k: g[k] for k in KEYS} | {f"{k}-missing": g[f"{k}-missing"] for k in KEYS} | {"landmarks": g["landmarks"]},
+            "global_mre_per_round": [r["global"]["mre"] for r in lines],
+            "clients_test_mre": [c["test_mre"] for c in last["clients"]],
+            "wall_seconds": round((run / "global_params.safetensors").stat().st_mtime - (run / "config.json").stat().st_mtime, 1),
+        }
+    out = Path(__file__).parent / "results" / f"h3denet-{args.profile}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"profile": args.profile, "machine": platform.machine(), "models": rows}, indent=2) + "\n")
+    print(f"wrote {out}\n")
+    print("| model | MRE +/- SD (mm) | SDR 2 / 2.5 / 3 / 4 mm (%) | incomplete cases: MRE +/- SD | SDR 4 mm | clients' local MRE | wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for m, r in rows.items():
+        g = r["global"]
+        sdr = " / ".join(f"{g[f'sdr-{t}mm']:.1f}" for t in ("2", "2.5", "3", "4"))
+        local = ", ".join(f"{v:.2f}" for v in r["clients_test_mre"])
+        print(f"| `{m}` | {g['mre']:.2f} +/- {g['sd']:.2f} | {sdr} | {g['mre-missing']:.2f} +/- {g['sd-missing']:.2f} "
+              f"| {g['sdr-4mm-missing']:.1f} | {local} | {r['wall_seconds']:.0f} s |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

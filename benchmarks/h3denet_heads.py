@@ -3,8 +3,9 @@
 Runs ``fedsim run --task h3denet --profile PROFILE --models M,M,M`` for the three models (3 clients,
 iid, seed 0; the Flower Simulation Engine on Ray, as a user would) and tabulates the global
 model's metrics on the global test set after the last round, overall and on the incomplete cases,
-plus the mean of the clients' local-test MRE and the wall time (config written -> final
-parameters saved). A run folder that already holds a finished run is reused, not retrained.
+plus the mean of the clients' local-test MRE, the wall time (config written -> final
+parameters saved), and the final model's mean |error| per axis in voxels of the evaluated crop
+next to that crop's spacing (how much of the error in mm is voxel size). A run folder that already holds a finished run is reused, not retrained.
 
     python benchmarks/h3denet_heads.py --profile quick --out-root runs/h3-heads
 
@@ -30,6 +31,31 @@ def finished(run: Path, rounds: int | None) -> bool:
         return False
     lines = metrics.read_text().splitlines()
     return rounds is None or len(lines) == rounds
+
+
+def voxel_errors(run: Path, model: str) -> dict[str, list[float]]:
+    """The final global model on the global test set: mean |error| per axis in voxels of the
+    evaluated crop, and the mean evaluated spacing (mm) per axis."""
+    import numpy as np
+    import torch
+
+    from fedsim.clients.tasks import get_task
+    from fedsim.clients.tasks.h3denet import _incomplete, make_split
+    from fedsim.config import RunConfig
+    from fedsim.server.rundir import RunDir
+
+    rd = RunDir(run)
+    cfg = RunConfig.from_json_dict(rd.read_config())
+    task = get_task("h3denet")
+    net = task.build_model(model, cfg)
+    net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in rd.load_params().items()}, strict=False)
+    idx = make_split(cfg, _incomplete(cfg, cfg.data_dir)).global_test
+    prepared, pred, _ = task.predict(net, task.cases(cfg, idx), cfg, torch.device("cpu"))  # type: ignore[attr-defined]
+    err = np.abs(pred - np.stack([p.landmarks for p in prepared]))
+    return {
+        "mean_abs_error_voxels_xyz": [round(float(v), 3) for v in np.nanmean(err, (0, 1))],
+        "mean_spacing_mm_xyz": [round(float(v), 3) for v in np.stack([p.spacing for p in prepared]).mean(0)],
+    }
 
 
 def main() -> None:
@@ -58,6 +84,7 @@ def main() -> None:
             "global_mre_per_round": [r["global"]["mre"] for r in lines],
             "clients_test_mre": [c["test_mre"] for c in last["clients"]],
             "wall_seconds": round((run / "global_params.safetensors").stat().st_mtime - (run / "config.json").stat().st_mtime, 1),
+            **voxel_errors(run, m),
         }
     out = Path(__file__).parent / "results" / f"h3denet-{args.profile}.json"
     out.parent.mkdir(exist_ok=True)
@@ -71,6 +98,8 @@ def main() -> None:
         local = ", ".join(f"{v:.2f}" for v in r["clients_test_mre"])
         print(f"| `{m}` | {g['mre']:.2f} +/- {g['sd']:.2f} | {sdr} | {g['mre-missing']:.2f} +/- {g['sd-missing']:.2f} "
               f"| {g['sdr-4mm-missing']:.1f} | {local} | {r['wall_seconds']:.0f} s |")  # fmt: skip
+    for m, r in rows.items():
+        print(f"{m}: mean |error| per axis {r['mean_abs_error_voxels_xyz']} voxels; spacing {r['mean_spacing_mm_xyz']} mm")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,13 @@ def test_real_layout_folder_trains_and_evaluates_at_the_working_size(tmp_path):
     assert res.num_examples == len(train_idx) and math.isfinite(res.metrics["loss"])
     ev = task.evaluate_local(model, cfg, 0, torch.device("cpu"), data_dir=str(tmp_path))
     assert ev.num_examples == len(test_idx) and ev.metrics["landmarks"] > 0
+
+
+def test_a_wrong_landmark_count_is_refused_before_training(tmp_path):
+    from fedsim.data.ct_folder import CTDataError, write_ct_case
+
+    for i in range(3):
+        write_ct_case(tmp_path, f"c{i}", np.zeros((8, 8, 8), np.float32), np.full((13, 3), 4.0), np.ones(3))
+    with pytest.raises(CTDataError, match=r"c0_label\.npy has 13 landmarks; expected 14"):
+        get_task("h3denet").check_data(_cfg(data_dir=str(tmp_path)))
+    assert get_task("h3denet").check_data(_cfg(data_dir=str(tmp_path), clients=1, task_options=(("num-landmarks", "13"),))) == [2]  # 1 of 3 is the global test set

@@ -148,11 +148,12 @@ class Split:
     clients: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
-def _incomplete(cfg: RunConfig, data_dir: str) -> np.ndarray:
-    """0/1 per cohort case: has at least one missing landmark (cheap: no volume is read)."""
+def _incomplete(cfg: RunConfig, data_dir: str, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:
+    """0/1 per cohort case: has at least one missing landmark (cheap: no volume is read). For a
+    real folder every label file is read (once per process) and checked for ``num_landmarks``, so
+    a wrong count is refused before any training."""
     if data_dir:
-        ids = _scan(data_dir)
-        return np.array([np.isnan(load_ct_labels(data_dir, c)).any() for c in ids], np.int64)
+        return _real_strata(data_dir, num_landmarks)
     assert cfg.num_samples is not None
     return np.array([len(missing_landmarks(i, cfg.seed)) > 0 for i in range(cfg.num_samples)], np.int64)
 
@@ -179,6 +180,11 @@ def make_split(cfg: RunConfig, strata: np.ndarray) -> Split:
 @functools.lru_cache(maxsize=2)
 def _scan(data_dir: str) -> tuple[str, ...]:
     return tuple(scan_ct_folder(data_dir))
+
+
+@functools.lru_cache(maxsize=2)
+def _real_strata(data_dir: str, num_landmarks: int) -> np.ndarray:
+    return np.array([np.isnan(load_ct_labels(data_dir, c, num_landmarks)).any() for c in _scan(data_dir)], np.int64)
 
 
 @functools.lru_cache(maxsize=6)
@@ -239,12 +245,12 @@ class H3DENetTask(Task):
                 f"image_size must be a multiple of 64 for h3denet (crop s x s x s/2, every axis divisible by "
                 f"the encoder's stride 32), got {cfg.image_size}; e.g. 64 or 128"
             )
-        split = make_split(cfg, _incomplete(cfg, cfg.data_dir))
+        split = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks))
         return [len(tr) + len(te) for tr, te in split.clients]
 
     def _client_indices(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
         d = cfg.data_dir if data_dir is None else data_dir
-        strata = _incomplete(cfg, d)
+        strata = _incomplete(cfg, d, self.options(cfg).num_landmarks)
         if data_dir:  # node-local folder: all of it belongs to this client
             return _client_split(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
         return make_split(cfg, strata).clients[partition_id]
@@ -347,7 +353,7 @@ class H3DENetTask(Task):
         return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device))
 
     def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult:
-        idx = make_split(cfg, _incomplete(cfg, cfg.data_dir)).global_test
+        idx = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks)).global_test
         return LocalResult(len(idx), self._evaluate(model, self.cases(cfg, idx), cfg, device))
 
     # ------------------------------------------------------------ figures
@@ -366,7 +372,7 @@ class H3DENetTask(Task):
         params = RunDir(run_dir).load_params()
         model = self.build_model(cfg.server_model or self.default_model, cfg)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
-        strata = _incomplete(cfg, cfg.data_dir)
+        strata = _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks)
         idx = make_split(cfg, strata).global_test
         chosen = [*idx[strata[idx] == 1][: num_cases // 2], *idx[strata[idx] == 0]][:num_cases]
         chosen += [i for i in idx if i not in chosen][: num_cases - len(chosen)]

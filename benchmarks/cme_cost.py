@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from fedsim.clients.tasks import get_task
-from fedsim.clients.training import TrainCallback, TrainInfo
+from fedsim.callbacks import TrainCallback, TrainInfo
 from fedsim.cme import CMERecorder, CMESettings, encode
 from fedsim.config import RunConfig
+from fedsim.clients.tasks import resolve_config
 
 
 class Timed(TrainCallback):
@@ -100,16 +101,16 @@ def main() -> None:
     ap.add_argument("--scenario", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    cfg = RunConfig(scenario=args.scenario, profile=args.profile, cme=True).resolve()
+    cfg = resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, cme=True))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = get_task(cfg.task)
-    task.train(task.build_model(cfg.model_for(0), cfg), RunConfig(scenario=args.scenario, profile=args.profile, local_epochs=1).resolve(), 0, 1, dev)  # warm-up: data generation, allocator
+    task.train(task.build_model(cfg.model_for(0), cfg), resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, local_epochs=1)), 0, 1, dev)  # warm-up: data generation, allocator
     results = {}
     for pid in range(cfg.clients):
         name = cfg.model_for(pid)
         runs = [time_client(cfg, pid, dev) for _ in range(args.repeat)]
         best = {k: min(r[k] for r in runs) for k in ("plain", "cme", "recorder")}
-        paper = RunConfig(scenario=args.scenario, profile="paper").resolve()
+        paper = resolve_config(RunConfig(scenario=args.scenario, profile="paper"))
         row = {
             "model": name,
             "local_epochs": cfg.local_epochs,

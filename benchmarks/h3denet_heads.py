@@ -42,7 +42,7 @@ def voxel_errors(run: Path, model: str) -> dict[str, list[float]]:
     from fedsim.clients.tasks import get_task
     from fedsim.clients.tasks.h3denet import _incomplete, make_split
     from fedsim.config import RunConfig
-    from fedsim.server.rundir import RunDir
+    from fedsim.rundir import RunDir
 
     rd = RunDir(run)
     cfg = RunConfig.from_json_dict(rd.read_config())

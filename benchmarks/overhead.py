@@ -26,10 +26,11 @@ import torch
 from fedsim._logging import enable_console_logging
 from fedsim.clients.tasks import get_task
 from fedsim.clients.tasks.brain_mri import _cohort
-from fedsim.clients.training import ProgressLogger
+from fedsim.callbacks import ProgressLogger
 from fedsim.config import RunConfig
+from fedsim.clients.tasks import resolve_config
 from fedsim.models.sharing import shared_parameter_names
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 from fedsim.simulation import run_simulation
 
 
@@ -81,7 +82,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     enable_console_logging()
-    cfg = RunConfig(scenario=args.scenario, profile=args.profile, rounds=args.rounds, strategy="equal_avg").resolve()
+    cfg = resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, rounds=args.rounds, strategy="equal_avg"))
 
     fed_times, plain_times = [], []
     for i in range(args.repeat):

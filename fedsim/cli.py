@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsim.analysis.cme import ACF_STABILITY_THRESHOLD, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
-from fedsim.config import SCENARIOS, RunConfig
+from fedsim.config import OPTION_FIELDS, SCENARIOS, RunConfig
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", type=_names, default=(), help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn")
     run.add_argument("--server-model", default="", help="server model (default: resnet50, or the clients' model if all equal)")
     run.add_argument("--site-styles", action="store_true", help="give each hospital its own synthetic scanner style")
-    run.add_argument("--fedprox-mu", type=float, default=d.fedprox_mu, help="FedProx proximal weight mu, used by --strategy fedprox (default: %(default)s)")
-    run.add_argument("--server-lr", type=float, default=d.server_lr, help="FedAdam server learning rate (default: %(default)s)")
+    run.add_argument("--strategy-option", dest="strategy_options", action="append", default=[], metavar="KEY=VALUE",
+                     help="strategy option, repeatable, e.g. mu=0.1 (fedprox) or eta=0.05 (fedadam); see 'fedsim list'")
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
@@ -85,40 +85,47 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from fedsim.config import parse_key_values
 
     fields = {k: v for k, v in vars(args).items() if k != "command"}
-    fields["task_options"] = parse_key_values(fields.get("task_options", ()))
+    for key in OPTION_FIELDS:
+        fields[key] = parse_key_values(fields.get(key, ()))
     return RunConfig(**fields)
+
+
+def _option_fields(options_type: type) -> str:
+    return ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(options_type))
 
 
 def _cmd_list() -> None:
     from fedsim.clients.tasks import TASKS
     from fedsim.data.partition import list_partitioners
     from fedsim.models import list_models
-    from fedsim.strategies import list_strategies
+    from fedsim.strategies import STRATEGIES
 
     print("tasks:", ", ".join(TASKS.names()))
     for name in TASKS.names():
         task = TASKS.get(name)
         print(f"  {name}: profiles {', '.join(task.profiles)}; models {', '.join(task.model_choices())}")
         if task.options_type is not None:
-            opts = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(task.options_type))
-            print(f"    --task-option: {opts}")
+            print(f"    --task-option: {_option_fields(task.options_type)}")
     print("scenarios:")
     for s in SCENARIOS.values():
         print(f"  {s.number}: {s.description} ({s.partition}; clients {', '.join(s.client_models)}; server {s.server_model})")
     print("models:", ", ".join(list_models()))
-    print("strategies:", ", ".join(list_strategies()))
+    print("strategies:", ", ".join(STRATEGIES.names()))
+    for name in STRATEGIES.names():
+        entry = STRATEGIES.get(name)
+        if entry.options_type is not None:
+            print(f"  {name}: --strategy-option: {_option_fields(entry.options_type)}")
     print("partitioners:", ", ".join(list_partitioners()))
 
 
 def _cmd_run(cfg: RunConfig) -> None:
     from fedsim._logging import enable_console_logging
     from fedsim.clients.tasks import get_task
-    from fedsim.server.app import default_out_dir
-    from fedsim.server.rundir import METRICS_FILE, RunDir
+    from fedsim.rundir import METRICS_FILE, RunDir, default_out_dir
     from fedsim.simulation import run_simulation
 
     enable_console_logging()
-    out = Path(cfg.out or default_out_dir(cfg)).resolve()
+    out = Path(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).resolve()
     RunDir(out).ensure_free()  # refuse an existing run before Ray starts
     run_simulation(dataclasses.replace(cfg, out=str(out)))
     rows = RunDir(out).read_metrics()
@@ -163,14 +170,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help ends here, before anything heavy is imported
     from fedsim.cme import CMEArchiveError
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
-    from fedsim.server.app import ClientFailedError, NodeTimeoutError
-    from fedsim.server.rundir import RunDirExistsError
+    from fedsim.rundir import RunDirExistsError
 
-    args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
             _cmd_list()
@@ -181,12 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, FileNotFoundError) as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
-    except (ClientFailedError, NodeTimeoutError) as exc:
-        print(f"fedsim: run failed: {exc}", file=sys.stderr)
-        return 1
     except CMEArchiveError as exc:
         print(f"fedsim: CME archive error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from fedsim.server.app import ClientFailedError, NodeTimeoutError
+
+        if isinstance(exc, ClientFailedError | NodeTimeoutError):
+            print(f"fedsim: run failed: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

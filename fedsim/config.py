@@ -1,9 +1,16 @@
 """Typed, validated run configuration.
 
-One frozen :class:`RunConfig` describes a run. It is validated once when it is built; CLI flags
-(``fedsim run``), Flower's ``[tool.flwr.app.config]`` / ``--run-config`` (``flwr run``) and the
-``ConfigRecord`` the server sends to its clients all map onto it with :meth:`RunConfig.from_flower`
-and :meth:`RunConfig.to_flower`.
+One frozen :class:`RunConfig` describes a run as the user gave it (``None`` = "from the profile or
+scenario"). Its numbers are validated when it is built; CLI flags (``fedsim run``), Flower's
+``[tool.flwr.app.config]`` / ``--run-config`` (``flwr run``) and the ``ConfigRecord`` the server
+sends to its clients all map onto it with :meth:`RunConfig.from_flower` and
+:meth:`RunConfig.to_flower`. :func:`fedsim.clients.tasks.resolve_config` fills it from the task's
+profile and checks every registry name, giving a :class:`ResolvedConfig` (no field is ``None``), the
+only type code below the CLI works with.
+
+This module sits at the bottom of fedsim's layers: it knows no registry (names are checked by
+``resolve_config``), so typed option dataclasses (:func:`parse_options`) are parsed here for tasks
+and strategies alike.
 
 Scenarios are the CME paper's Table 1; profiles give the size of the experiment (``tiny`` for
 tests, ``quick`` for a few minutes on 2 CPU cores, ``paper`` for the paper's schedule on a GPU).
@@ -13,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Self, TypeVar
 
 from fedsim.registry import UnknownNameError
 
@@ -62,13 +70,17 @@ class Profile:
 
 #: Fields a profile fills in when the user leaves them unset.
 PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
+#: ``key=value`` option fields, parsed into typed dataclasses by :func:`parse_options`.
+OPTION_FIELDS = ("task_options", "strategy_options")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a fedsim run. ``None`` means "take it from the profile/scenario".
 
-    Call :meth:`resolve` to get a config with every field filled in.
+    :func:`fedsim.clients.tasks.resolve_config` turns it into a :class:`ResolvedConfig`.
     """
 
     task: str = "brain_mri"
@@ -91,8 +103,7 @@ class RunConfig:
     models: tuple[str, ...] = ()
     server_model: str = ""
     site_styles: bool = False
-    fedprox_mu: float = 0.01
-    server_lr: float = 0.01
+    strategy_options: tuple[tuple[str, Any], ...] = ()
     global_test_fraction: float = 0.15
     local_test_fraction: float = 0.2
     client_cpus: float = 2.0
@@ -105,7 +116,6 @@ class RunConfig:
     cme_threshold: float = 1e-3
     cme_max_size: int = 256
     cme_biases: bool = False
-    extra: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().
@@ -115,9 +125,9 @@ class RunConfig:
         for name in ("rounds", "local_epochs", "image_size", "num_samples", "batch_size"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("lr", "fedprox_mu", "server_lr", "alpha"):
+        for name in ("lr", "alpha"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0 or (name == "fedprox_mu" and value == 0)):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
         for name in ("global_test_fraction", "local_test_fraction"):
             if not 0 < getattr(self, name) < 1:
@@ -151,97 +161,53 @@ class RunConfig:
     def model_for(self, partition_id: int) -> str:
         return self.client_models()[partition_id % self.clients]
 
-    def resolve(self) -> RunConfig:
-        """Fill unset fields from the task's profile and the scenario, and check every name."""
-        from fedsim.clients.tasks import get_task
-
-        task = get_task(self.task)
-        if self.profile not in task.profiles:
-            raise ConfigError(f"unknown profile {self.profile!r}; valid choices: {', '.join(task.profiles)}")
-        prof = task.profiles[self.profile]
-        filled = {n: getattr(prof, n) for n in PROFILE_FIELDS if getattr(self, n) is None}
-        if self.partition is None:
-            filled["partition"] = self.scenario_spec.partition
-        models = self.models
-        if not models and task.default_model is not None:  # a task with one architecture (3D tasks)
-            models = filled["models"] = (task.default_model,) * self.clients
-        if task.default_model is not None and len(set(models)) > 1:
-            raise ConfigError(
-                f"task {self.task!r} aggregates the whole model, so every client needs the same one; got "
-                f"{', '.join(models)} (give one name per client, e.g. --models {models[0]},{models[0]},{models[0]})"
-            )
-        if not self.server_model:
-            same = models and len(set(models)) == 1
-            filled["server_model"] = models[0] if same else self.scenario_spec.server_model
-        if self.client_gpus is None:
-            filled["client_gpus"] = 1.0 if _cuda_available() else 0.0
-        cfg = dataclasses.replace(self, **filled)
-        cfg.validate_names()
-        return cfg
-
-    def validate_names(self) -> None:
-        from fedsim.clients.tasks import get_task
-        from fedsim.data.partition import PARTITIONERS
-        from fedsim.strategies import STRATEGIES
-
-        task = get_task(self.task)
-        task.options(self)  # unknown keys / bad values -> ConfigError
-        STRATEGIES.get(self.strategy)
-        if self.partition is not None:
-            PARTITIONERS.get(self.partition)
-            if self.partition == "sizes" and not self.fractions:
-                raise ConfigError("partition 'sizes' needs fractions, one per client (e.g. --fractions 0.5,0.3,0.2)")
-        choices = task.model_choices()
-        for m in (*self.client_models(), *([self.server_model] if self.server_model else [])):
-            if m not in choices:
-                raise UnknownNameError(f"unknown model {m!r} for task {self.task!r}; valid choices: {', '.join(choices)}")
-
     # ------------------------------------------------------------------ Flower mapping
     def to_flower(self) -> dict[str, bool | int | float | str | list[float] | list[str]]:
         """Flat kebab-case mapping for Flower ``run_config`` / ``ConfigRecord`` (``None`` omitted)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra" or value is None or value == ():
+            if value is None or value == ():
                 continue
-            if f.name == "task_options":
+            if f.name in OPTION_FIELDS:
                 value = ",".join(f"{k}={v}" for k, v in value)
             out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
-    def from_flower(cls, mapping: Mapping[str, Any]) -> RunConfig:
-        """Build from a Flower run config / ConfigRecord; unknown keys are kept in ``extra``.
+    def from_flower(cls, mapping: Mapping[str, Any], ignore: Sequence[str] = ()) -> Self:
+        """Build from a Flower run config / ConfigRecord.
 
         In TOML there is no ``None``: ``0``, ``0.0`` and ``""`` stand for "unset" on the
-        optional fields; list-valued fields also accept comma-separated strings.
+        optional fields; list-valued fields also accept comma-separated strings. Keys that are no
+        field are an error naming the valid keys, except those in ``ignore`` (e.g. the
+        ``server-round`` Flower's strategies add to a train message's config).
         """
         kwargs: dict[str, Any] = {}
-        extra: list[tuple[str, Any]] = []
-        by_key = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "extra"}
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(k for k in mapping if k not in by_key and k not in ignore)
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; valid keys: {', '.join(sorted(by_key))}")
         for key, value in mapping.items():
-            f = by_key.get(key)
-            if f is None:
-                extra.append((key, value))
-                continue
-            kwargs[f.name] = _coerce(f, value)
-        return cls(**kwargs, extra=tuple(sorted(extra)))
+            if key in by_key:
+                kwargs[by_key[key].name] = _coerce(by_key[key], value)
+        return cls(**kwargs)
 
     @classmethod
-    def from_json_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+    def from_json_dict(cls, data: Mapping[str, Any]) -> Self:
         """Inverse of :meth:`to_json_dict` (a run's ``config.json``); derived keys are ignored."""
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         for k in ("fractions", "models", "cme_layers"):
             if k in kwargs:
                 kwargs[k] = tuple(kwargs[k])
-        if "task_options" in kwargs:
-            kwargs["task_options"] = tuple((str(k), v) for k, v in kwargs["task_options"])
+        for k in OPTION_FIELDS:
+            if k in kwargs:
+                kwargs[k] = tuple((str(key), v) for key, v in kwargs[k])
         return cls(**kwargs)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         d["client_models"] = list(self.client_models())
         d["scenario_description"] = self.scenario_spec.description
         return d
@@ -257,7 +223,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         return None if float(value) < 0 else float(value)
     if "None" in str(f.type) and value in (0, 0.0, ""):
         return None
-    if f.name == "task_options":
+    if f.name in OPTION_FIELDS:
         return parse_key_values(value)
     if f.name in ("fractions", "models", "cme_layers"):
         if isinstance(value, str):
@@ -284,7 +250,7 @@ def parse_key_values(value: Any) -> tuple[tuple[str, Any], ...]:
         if isinstance(item, str):
             key, sep, val = item.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"task options must look like key=value, got {item!r}")
+                raise ConfigError(f"options must look like key=value, got {item!r}")
             pairs.append((key.strip(), val.strip()))
         else:
             key, val = item
@@ -292,10 +258,75 @@ def parse_key_values(value: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(pairs)
 
 
-def _cuda_available() -> bool:
-    import torch
+def parse_options(options_type: type[T] | None, pairs: Sequence[tuple[str, Any]], kind: str, owner: str) -> T | None:
+    """Build the typed options ``options_type`` (a frozen dataclass) of a task or strategy.
 
-    return torch.cuda.is_available()
+    ``pairs`` are ``(key, value)``; values may be strings (CLI, TOML) and are converted to the
+    field's type; keys may use ``-`` or ``_``. ``kind`` is ``"task"`` or ``"strategy"`` and
+    ``owner`` its registered name, for the messages. Unknown keys and bad values raise
+    :class:`ConfigError` naming the valid options; with no ``options_type`` any pair is an error.
+    """
+    if options_type is None:
+        if pairs:
+            raise ConfigError(f"{kind} {owner!r} takes no --{kind}-option; got {', '.join(k for k, _ in pairs)}")
+        return None
+    known = [f.name for f in fields(options_type)]  # type: ignore[arg-type]
+    hints = typing.get_type_hints(options_type)
+    kwargs: dict[str, Any] = {}
+    for key, value in pairs:
+        name = key.replace("-", "_")
+        if name not in known:
+            valid = ", ".join(n.replace("_", "-") for n in known)
+            raise ConfigError(f"unknown {kind} option {key!r} for {kind} {owner!r}; valid options: {valid}")
+        kwargs[name] = _convert(hints[name], value, f"{kind} option {key!r}")
+    try:
+        return options_type(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {kind} options for {owner!r}: {exc}") from exc
 
 
-__all__ = ["SCENARIOS", "ConfigError", "Profile", "RunConfig", "Scenario", "UnknownNameError", "parse_key_values"]
+def _convert(tp: Any, value: Any, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if tp is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float):
+            return tp(value)
+    except ValueError:
+        raise ConfigError(f"{what} expects a {tp.__name__}, got {value!r}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class ResolvedConfig(RunConfig):
+    """A :class:`RunConfig` with every field filled in (profile, scenario and device defaults) and
+    every name checked against the registries; made by :func:`fedsim.clients.tasks.resolve_config`
+    (or read back from a run's ``config.json`` / the server's ``ConfigRecord``)."""
+
+    rounds: int = 0
+    local_epochs: int = 0
+    partition: str = ""
+    image_size: int = 0
+    num_samples: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    client_gpus: float = 0.0
+
+
+__all__ = [
+    "OPTION_FIELDS",
+    "SCENARIOS",
+    "ConfigError",
+    "Profile",
+    "ResolvedConfig",
+    "RunConfig",
+    "Scenario",
+    "UnknownNameError",
+    "parse_key_values",
+    "parse_options",
+]

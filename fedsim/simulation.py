@@ -6,14 +6,14 @@ import os
 import warnings
 
 from fedsim._logging import logger
-from fedsim.clients.tasks import get_task
-from fedsim.config import RunConfig
+from fedsim.clients.tasks import get_task, resolve_config
+from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 
 
-def backend_config(cfg: RunConfig) -> dict[str, dict[str, float | int | bool | str]]:
+def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, float | int | bool | str]]:
     """Ray backend settings: per-client CPUs/GPUs from the config; no dashboard."""
     return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": float(cfg.client_gpus or 0.0)},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
     }
 
@@ -29,13 +29,13 @@ def run_simulation(cfg: RunConfig) -> None:
     from fedsim.clients.app import app as client_app
     from fedsim.server.app import check_cme_layers, make_server_app
 
-    cfg = cfg.resolve()
+    cfg = resolve_config(cfg)
     if cfg.cme:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
     if cfg.client_cpus > (os.cpu_count() or 1):
-        raise ValueError(f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine")
+        raise ConfigError(f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(

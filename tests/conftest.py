@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from fedsim.config import RunConfig
+from fedsim.clients.tasks import resolve_config
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path) -> RunConfig:
     """A resolved tiny config with the small CNN (fast) and a temporary output folder."""
-    return RunConfig(profile="tiny", models=("small_cnn",) * 3, out=str(tmp_path / "run")).resolve()
+    return resolve_config(RunConfig(profile="tiny", models=("small_cnn",) * 3, out=str(tmp_path / "run")))
 
 
 @pytest.fixture

@@ -1,20 +1,21 @@
 import pytest
 
-from fedsim.config import SCENARIOS, ConfigError, RunConfig
+from fedsim.config import SCENARIOS, ConfigError, ResolvedConfig, RunConfig
+from fedsim.clients.tasks import resolve_config
 from fedsim.registry import UnknownNameError
 
 
 def test_resolve_fills_profile_and_scenario():
-    cfg = RunConfig(scenario=3, profile="tiny").resolve()
+    cfg = resolve_config(RunConfig(scenario=3, profile="tiny"))
     assert (cfg.image_size, cfg.num_samples, cfg.rounds, cfg.local_epochs) == (32, 120, 2, 2)
     assert cfg.partition == "identical"
     assert cfg.client_models() == ("resnet50", "densenet121", "alexnet_skip")
     assert cfg.server_model == "resnet50"
-    assert RunConfig(scenario=2, profile="tiny").resolve().client_models() == ("resnet50",) * 3
+    assert resolve_config(RunConfig(scenario=2, profile="tiny")).client_models() == ("resnet50",) * 3
 
 
 def test_explicit_values_win_over_profile():
-    cfg = RunConfig(profile="quick", rounds=7, lr=0.5, partition="dirichlet").resolve()
+    cfg = resolve_config(RunConfig(profile="quick", rounds=7, lr=0.5, partition="dirichlet"))
     assert cfg.rounds == 7 and cfg.lr == 0.5 and cfg.partition == "dirichlet" and cfg.local_epochs == 2
 
 
@@ -59,19 +60,21 @@ def test_invalid_numbers_are_refused(kwargs, message):
 )
 def test_unknown_names_list_choices(kwargs, message):
     with pytest.raises((ConfigError, UnknownNameError), match=message):
-        RunConfig(**kwargs).resolve()
+        resolve_config(RunConfig(**kwargs))
 
 
 def test_flower_round_trip_and_toml_sentinels():
-    cfg = RunConfig(profile="tiny", models=("small_cnn",) * 3, partition="sizes", fractions=(0.2, 0.3, 0.5)).resolve()
+    cfg = resolve_config(RunConfig(profile="tiny", models=("small_cnn",) * 3, partition="sizes", fractions=(0.2, 0.3, 0.5)))
     flat = cfg.to_flower()
     assert flat["local-epochs"] == 2 and flat["fractions"] == [0.2, 0.3, 0.5]
-    assert RunConfig.from_flower(flat) == cfg
-    # pyproject-style values: 0 / "" mean "unset", lists may be comma strings, extra keys are kept
+    assert ResolvedConfig.from_flower(flat) == cfg
+    # pyproject-style values: 0 / "" mean "unset", lists may be comma strings
     toml = {"rounds": 0, "partition": "", "models": "small_cnn, small_cnn,small_cnn", "client-gpus": -1.0, "server-round": 3}
-    parsed = RunConfig.from_flower(toml)
+    parsed = RunConfig.from_flower(toml, ignore=("server-round",))
     assert parsed.rounds is None and parsed.partition is None and parsed.client_gpus is None
-    assert parsed.models == ("small_cnn",) * 3 and dict(parsed.extra) == {"server-round": 3}
+    assert parsed.models == ("small_cnn",) * 3
+    with pytest.raises(ConfigError, match=r"unknown run-config keys \['server-round'\]; valid keys: .*alpha"):
+        RunConfig.from_flower(toml)
     assert RunConfig.from_flower({"client-gpus": 0.0}).client_gpus == 0.0
 
 
@@ -80,7 +83,7 @@ def test_pyproject_app_config_is_a_valid_run_config():
     from pathlib import Path
 
     data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    cfg = RunConfig.from_flower(data["tool"]["flwr"]["app"]["config"]).resolve()
+    cfg = resolve_config(RunConfig.from_flower(data["tool"]["flwr"]["app"]["config"]))
     assert cfg.profile == "tiny" and cfg.scenario == 1 and cfg.rounds == 2
     assert data["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "fedsim.server.app:app",
@@ -90,9 +93,9 @@ def test_pyproject_app_config_is_a_valid_run_config():
 
 def test_single_architecture_tasks_refuse_mixed_models():
     with pytest.raises(ConfigError, match="every client needs the same one; got h3denet, unet3d, unet3d"):
-        RunConfig(task="h3denet", profile="tiny", models=("h3denet", "unet3d", "unet3d")).resolve()
+        resolve_config(RunConfig(task="h3denet", profile="tiny", models=("h3denet", "unet3d", "unet3d")))
     with pytest.raises(ConfigError, match="every client needs the same one"):
-        RunConfig(task="aicnet3d", profile="tiny", models=("aicnet3d_plain", "aicnet3d_epa", "aicnet3d_plain")).resolve()
+        resolve_config(RunConfig(task="aicnet3d", profile="tiny", models=("aicnet3d_plain", "aicnet3d_epa", "aicnet3d_plain")))
 
 
 @pytest.mark.parametrize("task", ["h3denet", "aicnet3d"])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsim.cme.archive import CMEArchive
-from fedsim.cme.recorder import FIELD
+from fedsim.cme.schema import FIELD
 
 #: Default similarity above which consecutive covariance maps count as "unchanged".
 SIMILARITY_THRESHOLD = 0.9

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 
 def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -33,7 +33,7 @@ from fedsim.analysis.cme import (
 from fedsim.analysis.curves import ClientCurvesDisplay, client_curves
 from fedsim.analysis.figures import ClientCMEFigure, pick_rounds
 from fedsim.cme.archive import CMEArchive, NoCMERecordsError
-from fedsim.server.rundir import RunDir, atomic_write_bytes, finite_json
+from fedsim.rundir import RunDir, atomic_write_bytes, finite_json
 
 ANALYSIS_DIR = "analysis"
 
@@ -66,17 +66,14 @@ class AnalysisResult:
 
 def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: AnalysisSettings | None = None) -> AnalysisResult:
     """Analyse a finished (or interrupted) run directory; see the module docstring."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from fedsim.clients.tasks import get_task
-    from fedsim.config import RunConfig
+    from fedsim.config import ResolvedConfig
 
     settings = settings or AnalysisSettings()
     rd = RunDir(run_dir)
-    cfg = RunConfig.from_json_dict(rd.read_config())
+    cfg = ResolvedConfig.from_json_dict(rd.read_config())
     task = get_task(cfg.task)
     rows = rd.read_metrics()
     if not rows:

@@ -29,17 +29,20 @@ from flwr.clientapp import ClientApp
 
 from fedsim._logging import enable_console_logging
 from fedsim.clients.tasks import get_task
-from fedsim.clients.training import ProgressLogger, TrainCallback
-from fedsim.cme import CMERecorder, CMESettings, encode
+from fedsim.callbacks import ProgressLogger, TrainCallback
+from fedsim.cme import CMESettings, encode
+from fedsim.cme.recorder import CMERecorder
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, ResolvedConfig
 
 STATE_KEY = "fedsim.model"
+#: Keys Flower's strategies add to the config they send (not run-config fields).
+FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu")
 
 app = ClientApp()
 
 
-def node_identity(context: Context, cfg: RunConfig) -> tuple[int, str | None]:
+def node_identity(context: Context, cfg: ResolvedConfig) -> tuple[int, str | None]:
     """(partition id, node-local data folder or None) from the node config."""
     nc = context.node_config
     if "partition-id" not in nc:
@@ -58,10 +61,10 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
+def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
     """Config, identity, the model (private state + received shared arrays) and those arrays."""
     enable_console_logging()
-    cfg = RunConfig.from_flower(msg.content["config"])
+    cfg = ResolvedConfig.from_flower(msg.content["config"], ignore=FLOWER_CONFIG_KEYS)
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
     incoming = msg.content["arrays"].to_torch_state_dict()
@@ -79,7 +82,7 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, str | None
     return cfg, pid, data_dir, model, incoming
 
 
-def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
+def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: ResolvedConfig) -> dict[str, torch.Tensor]:
     """Check names/shapes of received arrays and cast them to the model's dtypes (server-side
     optimisers such as FedAdam return float64)."""
     own = model.state_dict()
@@ -121,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def cme_settings(cfg: RunConfig) -> CMESettings:
+def cme_settings(cfg: ResolvedConfig) -> CMESettings:
     """The run's CME settings; analysis layers default to the task's (``Task.cme_layers``)."""
     layers = cfg.cme_layers or tuple(get_task(cfg.task).cme_layers)
     return CMESettings(layers, cfg.cme_threshold, cfg.cme_max_size, cfg.cme_biases, cfg.seed)

@@ -4,8 +4,8 @@
 safetensors blob (:func:`encode`) and sends it in its train reply as the ``ConfigRecord``
 ``"cme"`` (``payload`` bytes plus ``partition-id`` / ``server-round``). That reply travels the
 same way in simulation (Ray) and in deployment (gRPC). The server takes the record out of the reply
-before the strategy sees it (:meth:`CMEArchiveWriter.collect`), so every Flower strategy works
-unchanged.
+as it arrives (:meth:`CMEArchiveWriter.collect`), without changing it: Flower's strategies
+aggregate only a reply's ArrayRecord and MetricRecord, so every one of them works unchanged.
 
 **Archive layout** (``RUN_DIR/cme/``)::
 
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from fedsim._logging import logger
-from fedsim.cme.recorder import FIELD, STAT_FIELDS, EpochCME
-from fedsim.server.rundir import atomic_write_bytes
+from fedsim.cme.schema import FIELD, STAT_FIELDS, EpochCME
+from fedsim.rundir import atomic_write_bytes
 
 FORMAT = "fedsim-cme/1"
 CME_DIR = "cme"
@@ -143,13 +143,11 @@ class CMEArchiveWriter:
         self._index: list[dict[str, Any]] = _read_index(self.root) if (self.root / INDEX_FILE).exists() else []
 
     def collect(self, msg: Any) -> None:
-        """Grid reply hook: archive and remove the ``"cme"`` record of a reply, if it has one."""
+        """Grid reply hook: archive the ``"cme"`` record of a reply, if it has one. The reply is left
+        as it is: Flower's strategies aggregate only its ArrayRecord and MetricRecord."""
         if msg.has_error() or RECORD_KEY not in msg.content.config_records:
             return
-        record = msg.content.config_records[RECORD_KEY]
-        payload = record["payload"]
-        del msg.content[RECORD_KEY]  # strategies never see it
-        self.write(bytes(payload))
+        self.write(bytes(msg.content.config_records[RECORD_KEY]["payload"]))
 
     def write(self, payload: bytes) -> Path:
         """Validate one client-round payload, write it atomically, then update the index."""

@@ -36,53 +36,13 @@ from __future__ import annotations
 import fnmatch
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsim.clients.training import TrainCallback, TrainInfo
-
-#: Columns of the per-layer statistics array (one row per local epoch).
-STAT_FIELDS: tuple[str, ...] = (
-    "count",  # valid (unmasked) elements
-    "size",  # all elements
-    "mean",
-    "std",
-    "l2",
-    "masked_fraction",
-    "lag_count",  # elements valid in this and the previous epoch (0 for the round's first epoch)
-    "lag_sum",  # sum C_i * C_{i-1} over those elements
-    "lag_sq_prev",  # sum C_{i-1}^2 over those elements
-    "lag_sq_cur",  # sum C_i^2 over those elements
-)
-FIELD = {name: i for i, name in enumerate(STAT_FIELDS)}
-
-
-@dataclass(frozen=True)
-class CMESettings:
-    """What to record. ``layers`` are ``fnmatch`` patterns of the analysis layers (full matrices)."""
-
-    layers: tuple[str, ...] = ("head.fc2.weight",)
-    threshold: float = 1e-3
-    max_size: int = 256
-    biases: bool = False
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class EpochCME:
-    """One client's CMEs for one round: ``stats[layer]`` is (epochs, len(STAT_FIELDS)) float64;
-    ``matrices[layer]`` is (epochs, rows, cols) float32 with the kept ``rows``/``cols`` indices."""
-
-    layers: tuple[str, ...]
-    shapes: Mapping[str, tuple[int, ...]]
-    stats: Mapping[str, np.ndarray]
-    matrices: Mapping[str, np.ndarray]
-    rows: Mapping[str, np.ndarray]
-    cols: Mapping[str, np.ndarray]
-
+from fedsim.callbacks import TrainCallback, TrainInfo
+from fedsim.cme.schema import FIELD, STAT_FIELDS, CMESettings, EpochCME
 
 def as_jacobian(weight: torch.Tensor) -> torch.Tensor:
     """Arrange a weight tensor as the eq. 1 matrix: ``out x (in * prod(kernel))``; 1-D stays a row."""

@@ -7,31 +7,31 @@ aggregated parameters to ``global_params.safetensors`` at the end. When the whol
 aggregated (same-model scenarios) it is also evaluated on the held-out global test set.
 
 ``app`` reads its configuration from Flower's run config (``flwr run``);
-:func:`make_server_app` binds an already-validated :class:`RunConfig` (``fedsim run``).
+:func:`make_server_app` binds an already-resolved :class:`ResolvedConfig` (``fedsim run``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
+from flwr.supercore.run import Run
 
 from fedsim._logging import enable_console_logging, logger
-from fedsim.clients.tasks import get_task
+from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.cme import CMEArchiveWriter
 from fedsim.cme.recorder import matching_layers, recorded_parameters
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
 from fedsim.server.recorder import RoundRecorder
-from fedsim.server.rundir import RunDir
-from fedsim.strategies import StrategyOptions, build_strategy
+from fedsim.rundir import RunDir, default_out_dir
+from fedsim.strategies import StrategyHooks, build_strategy
 
 
 class NodeTimeoutError(TimeoutError):
@@ -57,23 +57,41 @@ class ClientFailedError(RuntimeError):
     """A client replied with an error; the run stops (rounds already written are kept)."""
 
 
-class OrderedGrid:
-    """A Grid proxy that returns replies sorted by the clients' partition id, and stops the run
-    when a client failed.
+class OrderedGrid(Grid):
+    """A :class:`~flwr.serverapp.Grid` that returns replies sorted by the clients' partition id,
+    and stops the run when a client failed; every other call goes to the wrapped grid.
 
     Aggregation sums floats in reply order; sorting makes runs with the same seed bit-identical
-    whatever order the nodes answered in. ``on_reply`` sees every reply first, in that order
-    (the CME archive writer takes its records out there, whatever the strategy). fedsim's strategies train every client every round, so
-    a client error (bad local data, out of memory, ...) ends the run with its reason instead of
-    silently aggregating fewer hospitals.
+    whatever order the nodes answered in. ``on_reply`` sees every reply first, in that order (the
+    CME archive writer reads its records there, whatever the strategy). fedsim's strategies train
+    every client every round, so a client error (bad local data, out of memory, ...) ends the run
+    with its reason instead of silently aggregating fewer hospitals.
     """
 
     def __init__(self, grid: Grid, on_reply: Callable[[Message], None] | None = None) -> None:
         self._grid = grid
         self._on_reply = on_reply
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._grid, name)
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_partition_of)
@@ -95,15 +113,10 @@ def _partition_of(msg: Message) -> tuple[int, int]:
     return (0, int(m.get("partition-id", 0)))
 
 
-def default_out_dir(cfg: RunConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task}-s{cfg.scenario}-{cfg.profile}-{stamp}"
-
-
-def run_server(grid: Grid, cfg: RunConfig) -> Result:
+def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:
     """Run a whole federated training with a resolved config; return Flower's ``Result``."""
     task = get_task(cfg.task)
-    run_dir = RunDir(cfg.out or default_out_dir(cfg)).create()
+    run_dir = RunDir(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).create()
     cfg_json = cfg.to_json_dict() | {"out": str(run_dir.path)}
     run_dir.write_config(cfg_json)
     logger.info("run directory: %s", run_dir.path)
@@ -128,9 +141,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Result:
         return {} if res is None else {f"global-{k}": float(v) for k, v in res.metrics.items()}
 
     recorder = RoundRecorder(run_dir, client_models, global_eval if complete else None)
-    strategy = build_strategy(
-        cfg, StrategyOptions(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics)
-    )
+    strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     on_reply = None
     if cfg.cme:
         check_cme_layers(cfg)
@@ -138,10 +149,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Result:
         logger.info("recording CMEs into %s", run_dir.path / "cme")
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
-    assert cfg.rounds is not None
     record = ConfigRecord(cfg.to_flower())
     result = strategy.start(
-        grid=OrderedGrid(grid, on_reply),  # type: ignore[arg-type]
+        grid=OrderedGrid(grid, on_reply),
         initial_arrays=ArrayRecord({k: server_state[k] for k in shared}),
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout,
@@ -157,7 +167,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Result:
     return result
 
 
-def check_cme_layers(cfg: RunConfig) -> None:
+def check_cme_layers(cfg: ResolvedConfig) -> None:
     """Refuse CME layer patterns that match no weight of some client's model (before training)."""
     task = get_task(cfg.task)
     patterns = cfg.cme_layers or tuple(task.cme_layers)
@@ -170,12 +180,11 @@ def check_cme_layers(cfg: RunConfig) -> None:
                 f"CME layers {list(patterns)} match no weight of model {name!r}; "
                 f"its last weights are {', '.join(names[-4:])} (patterns use fnmatch, e.g. 'head.*.weight')"
             )
-    assert cfg.local_epochs is not None
     if cfg.local_epochs < 2:
         logger.warning("CME ACF (eq. 4) pairs consecutive local epochs: with local_epochs=1 it stays empty")
 
 
-def make_server_app(cfg: RunConfig) -> ServerApp:
+def make_server_app(cfg: ResolvedConfig) -> ServerApp:
     """A ServerApp bound to an already-resolved config (used by ``fedsim run``)."""
     server_app = ServerApp()
 
@@ -194,6 +203,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: the config comes from ``[tool.flwr.app.config]`` / ``--run-config``."""
     enable_console_logging()
-    cfg = RunConfig.from_flower(context.run_config).resolve()
+    cfg = resolve_config(RunConfig.from_flower(context.run_config))
     get_task(cfg.task).check_data(cfg)
     run_server(grid, cfg)

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedsim._logging import logger
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 
 def _field(key: str) -> str | None:

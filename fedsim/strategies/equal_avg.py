@@ -2,7 +2,8 @@
 
 Every participating client counts the same, whatever its number of examples:
 ``w = (1/K) * sum_k w_k`` over exactly the arrays the clients return (the server's allow-list of
-shared parameters). Subclasses Flower's FedAvg and overrides only :meth:`aggregate_train`.
+shared parameters). Subclasses Flower's FedAvg and overrides only :meth:`aggregate_train`, using
+Flower's public reply check (:func:`validate_message_reply_consistency`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from fedsim.strategies.registry import register_strategy
+from fedsim.strategies.registry import StrategyHooks, register_strategy
 
 
 class EqualWeightFedAvg(FedAvg):
@@ -22,11 +24,11 @@ class EqualWeightFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        contents = [m.content for m in replies if not m.has_error()]
+        if not contents:
             return None, None
-        contents = [m.content for m in valid]
-        records = [next(iter(c.array_records.values())) for c in contents]
+        validate_message_reply_consistency(contents, self.weighted_by_key, check_arrayrecord=True)
+        records = [c.array_records[self.arrayrecord_key] for c in contents]
         arrays = ArrayRecord(
             {k: Array(np.mean([r[k].numpy() for r in records], axis=0).astype(records[0][k].numpy().dtype)) for k in records[0]}
         )
@@ -34,5 +36,5 @@ class EqualWeightFedAvg(FedAvg):
 
 
 @register_strategy("equal_avg")
-def build_equal_avg(cfg, options):  # type: ignore[no-untyped-def]
-    return EqualWeightFedAvg(**options.fedavg_kwargs())
+def build_equal_avg(options: None, hooks: StrategyHooks) -> EqualWeightFedAvg:
+    return EqualWeightFedAvg(**hooks.fedavg_kwargs())

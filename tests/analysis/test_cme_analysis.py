@@ -15,7 +15,7 @@ from fedsim.analysis.cme import (
     map_similarity,
     saturation_round,
 )
-from fedsim.clients.training import TrainInfo
+from fedsim.callbacks import TrainInfo
 from fedsim.cme import FIELD, CMERecorder, CMESettings
 
 

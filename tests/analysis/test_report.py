@@ -15,10 +15,11 @@ from fedsim.analysis.cme import client_acf, round_maps, summarise_client
 from fedsim.analysis.figures import ACFDisplay, ClientCMEFigure, CovarianceMapDisplay, pick_rounds
 from fedsim.analysis.report import AnalysisSettings, analyze_run
 from fedsim.cli import main
-from fedsim.clients.training import TrainInfo
+from fedsim.callbacks import TrainInfo
 from fedsim.cme import CMEArchive, CMEArchiveWriter, CMERecorder, CMESettings, encode
 from fedsim.config import RunConfig
-from fedsim.server.rundir import RunDir
+from fedsim.clients.tasks import resolve_config
+from fedsim.rundir import RunDir
 
 
 class Net(nn.Module):
@@ -30,7 +31,7 @@ class Net(nn.Module):
 
 def make_run(path, rng, cme=True, rounds=4, clients=2, epochs=2):
     """A run directory like 'fedsim run' writes, with CMEs recorded from random weight walks."""
-    cfg = RunConfig(profile="tiny", models=("small_cnn",) * clients, clients=clients, rounds=rounds, cme=cme).resolve()
+    cfg = resolve_config(RunConfig(profile="tiny", models=("small_cnn",) * clients, clients=clients, rounds=rounds, cme=cme))
     rd = RunDir(path).create()
     rd.write_config(cfg.to_json_dict())
     writer = CMEArchiveWriter(rd.path)

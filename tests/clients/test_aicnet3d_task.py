@@ -13,12 +13,12 @@ from fedsim.clients.tasks.aicnet3d import (
     AICNet3DOptions,
     augment,
     balance_indices,
-    binary_metrics,
-    roc_auc,
     stratified_split,
 )
-from fedsim.clients.training import TrainCallback
+from fedsim.callbacks import TrainCallback
+from fedsim.metrics.classification import binary_metrics, roc_auc
 from fedsim.config import ConfigError, RunConfig
+from fedsim.clients.tasks import resolve_config
 
 
 def test_binary_metrics_against_a_hand_computed_confusion_matrix():
@@ -52,7 +52,7 @@ def test_auc_with_ties_by_hand():
 
 
 def _cfg(**kw) -> RunConfig:
-    return RunConfig(task="aicnet3d", profile="tiny", **kw).resolve()
+    return resolve_config(RunConfig(task="aicnet3d", profile="tiny", **kw))
 
 
 def test_defaults_models_and_option_validation():

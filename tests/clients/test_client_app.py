@@ -78,9 +78,9 @@ def test_fedprox_term_keeps_weights_near_the_global_model(tiny_cfg):
 
 
 def test_fedprox_mu_in_run_config_alone_adds_no_proximal_term(tiny_cfg):
-    """Only Flower's FedProx puts ``proximal-mu`` into the train config; fedsim's own
-    ``fedprox-mu`` field must not switch the term on for other strategies."""
-    cfg = dataclasses.replace(tiny_cfg, fedprox_mu=100.0)
+    """Only Flower's FedProx puts ``proximal-mu`` into the train config; a ``mu`` strategy option
+    in the run config must not switch the term on by itself."""
+    cfg = dataclasses.replace(tiny_cfg, strategy_options=(("mu", "100"),))
     a = client_app.train(_message(cfg, HEAD_KEYS), _context(0)).content["arrays"]["head.fc2.weight"].numpy()
     b = client_app.train(_message(tiny_cfg, HEAD_KEYS), _context(0)).content["arrays"]["head.fc2.weight"].numpy()
     np.testing.assert_array_equal(a, b)

@@ -11,8 +11,9 @@ import torch
 
 from fedsim.clients.tasks import get_task
 from fedsim.clients.tasks.h3denet import WIDTHS, H3DENetTask, crop_shape, make_split
-from fedsim.clients.training import TrainCallback
+from fedsim.callbacks import TrainCallback
 from fedsim.config import ConfigError, RunConfig
+from fedsim.clients.tasks import resolve_config
 from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.models.sharing import shared_parameter_names
 
@@ -21,7 +22,7 @@ METRICS |= {f"{k}-missing" for k in METRICS - {"loss", "landmarks"}}
 
 
 def _cfg(**kw) -> RunConfig:
-    return RunConfig(task="h3denet", profile="tiny", **kw).resolve()
+    return resolve_config(RunConfig(task="h3denet", profile="tiny", **kw))
 
 
 def test_defaults_models_and_option_validation():
@@ -48,7 +49,7 @@ def test_every_model_is_shared_whole_and_the_paper_widths_build(name):
     with torch.device("meta"):
         state = task.build_model(name, cfg).state_dict()
     assert set(shared_parameter_names([name], lambda m: task.build_model(m, cfg))) == set(state)
-    paper = RunConfig(task="h3denet", profile="paper", models=(name,) * 3).resolve()
+    paper = resolve_config(RunConfig(task="h3denet", profile="paper", models=(name,) * 3))
     with torch.device("meta"):
         n_paper = sum(p.numel() for p in task.build_model(name, paper).parameters())
     assert n_paper > 10 * sum(v.numel() for v in state.values())  # tiny widths are narrow

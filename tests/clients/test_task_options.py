@@ -2,8 +2,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from fedsim.clients.tasks.base import parse_task_options
-from fedsim.config import ConfigError, RunConfig, parse_key_values
+from fedsim.clients.tasks import resolve_config
+from fedsim.config import ConfigError, RunConfig, parse_key_values, parse_options
+from fedsim.clients.tasks import resolve_config
 
 
 @dataclass(frozen=True)
@@ -14,14 +15,9 @@ class _Opts:
     flag: bool = False
 
 
-class _FakeTask:
-    name = "fake"
-    options_type = _Opts
-
-
 def test_strings_are_converted_to_the_field_types():
     pairs = parse_key_values("finetune-rounds=2,variant=b,weight=0.25,flag=true")
-    assert parse_task_options(_FakeTask(), pairs) == _Opts(2, "b", 0.25, True)
+    assert parse_options(_Opts, pairs, "task", "fake") == _Opts(2, "b", 0.25, True)
 
 
 @pytest.mark.parametrize(
@@ -34,12 +30,12 @@ def test_strings_are_converted_to_the_field_types():
 )
 def test_bad_task_options_name_the_problem(text, message):
     with pytest.raises(ConfigError, match=message):
-        parse_task_options(_FakeTask(), parse_key_values(text))
+        parse_options(_Opts, parse_key_values(text), "task", "fake")
 
 
 def test_task_without_options_refuses_them():
     with pytest.raises(ConfigError, match="task 'brain_mri' takes no --task-option"):
-        RunConfig(profile="tiny", task_options=(("x", "1"),)).resolve()
+        resolve_config(RunConfig(profile="tiny", task_options=(("x", "1"),)))
 
 
 def test_task_options_round_trip_through_flower():

@@ -7,7 +7,7 @@ from torch import nn
 
 from fedsim.cme import FIELD, CMERecorder, CMESettings, as_jacobian
 from fedsim.cme.recorder import recorded_parameters, subsample_indices
-from fedsim.clients.training import TrainInfo
+from fedsim.callbacks import TrainInfo
 
 INFO = TrainInfo(server_round=1, partition_id=0, epochs=2, model_name="toy")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

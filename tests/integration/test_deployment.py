@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from fedsim.cme import CMEArchive
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 from .flower_procs import (
     BIN,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fedsim.cme import CMEArchive
 from fedsim.data.folder import KAGGLE_CLASSES
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

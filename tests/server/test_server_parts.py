@@ -6,20 +6,24 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 
 from fedsim.server.app import ClientFailedError, NodeTimeoutError, OrderedGrid, wait_for_nodes
 from fedsim.server.recorder import RoundRecorder
-from fedsim.server.rundir import RunDir
+from fedsim.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class FakeGrid:
     def __init__(self, nodes, replies=()):
-        self.nodes, self.replies, self.extra = nodes, list(replies), "delegated"
+        self.nodes, self.replies, self.pushed = nodes, list(replies), []
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
         return list(self.replies)
+
+    def push_messages(self, messages):
+        self.pushed.extend(messages)
+        return ["id"]
 
 
 def _reply(pid, **metrics):
@@ -36,7 +40,7 @@ def test_wait_for_nodes_gives_up_with_count():
 def test_ordered_grid_sorts_by_partition_and_delegates():
     grid = OrderedGrid(FakeGrid([1], [_reply(2, **{"num-examples": 1}), _reply(0, **{"num-examples": 1}), _reply(1, **{"num-examples": 1})]))
     assert [int(m.content["metrics"]["partition-id"]) for m in grid.send_and_receive([])] == [0, 1, 2]
-    assert grid.extra == "delegated" and grid.get_node_ids() == [1]
+    assert grid.get_node_ids() == [1] and grid.push_messages(["m"]) == ["id"] and grid._grid.pushed == ["m"]
 
 
 def test_ordered_grid_stops_on_client_error():
@@ -70,7 +74,7 @@ def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
     assert len(rd.read_metrics()) == 1
 
 
-def test_ordered_grid_hands_cme_records_to_the_archive_and_strips_them(tmp_path, rng):
+def test_ordered_grid_hands_cme_records_to_the_archive_and_leaves_replies_alone(tmp_path, rng):
     from flwr.app import ConfigRecord
 
     from fedsim.cme import CMEArchive, CMEArchiveWriter, encode
@@ -83,6 +87,6 @@ def test_ordered_grid_hands_cme_records_to_the_archive_and_strips_them(tmp_path,
         replies.append(msg)
     grid = OrderedGrid(FakeGrid([1], replies), on_reply=CMEArchiveWriter(tmp_path).collect)
     out = grid.send_and_receive([])
-    assert all("cme" not in m.content.config_records for m in out)  # strategies never see them
+    assert all("cme" in m.content.config_records for m in out)  # read, not removed (no reply mutation)
     arch = CMEArchive(tmp_path)
     assert arch.clients == [0, 1] and arch.rounds(1) == [4]

@@ -6,7 +6,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedsim.config import RunConfig
-from fedsim.strategies import EqualWeightFedAvg, StrategyOptions, build_strategy, list_strategies
+from fedsim.config import ConfigError
+from fedsim.strategies import EqualWeightFedAvg, StrategyHooks, build_strategy, list_strategies
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -57,9 +58,9 @@ def test_equal_and_sample_weights_coincide_for_equal_sizes():
 
 def test_registry_builds_flower_strategies():
     assert list_strategies() == ["equal_avg", "fedadam", "fedavg", "fedprox"]
-    cfg = RunConfig(profile="tiny", fedprox_mu=0.3, server_lr=0.05)
-    opts = StrategyOptions(num_nodes=3)
-    s = {name: build_strategy(RunConfig(**{**cfg.__dict__, "strategy": name}), opts) for name in list_strategies()}
+    options = {"fedprox": (("mu", "0.3"),), "fedadam": (("eta", "0.05"),)}
+    hooks = StrategyHooks(num_nodes=3)
+    s = {n: build_strategy(RunConfig(profile="tiny", strategy=n, strategy_options=options.get(n, ())), hooks) for n in list_strategies()}
     assert type(s["equal_avg"]) is EqualWeightFedAvg and type(s["fedavg"]) is FedAvg
     assert isinstance(s["fedprox"], FedProx) and s["fedprox"].proximal_mu == 0.3
     assert isinstance(s["fedadam"], FedAdam) and s["fedadam"].eta == 0.05
@@ -73,3 +74,24 @@ def test_fedprox_sends_mu_to_clients():
 
     msgs = list(FedProx(proximal_mu=0.3, min_available_nodes=3).configure_train(1, ArrayRecord({"a": Array(np.zeros(1))}), ConfigRecord(), FakeGrid()))
     assert len(msgs) == 3 and all(m.content["config"]["proximal-mu"] == 0.3 for m in msgs)
+
+
+def test_strategy_options_are_typed_and_checked():
+    hooks = StrategyHooks(num_nodes=3)
+    assert build_strategy(RunConfig(strategy="fedprox"), hooks).proximal_mu == 0.01  # the default
+    with pytest.raises(ConfigError, match="unknown strategy option 'eta' for strategy 'fedprox'; valid options: mu"):
+        build_strategy(RunConfig(strategy="fedprox", strategy_options=(("eta", "1"),)), hooks)
+    with pytest.raises(ConfigError, match="strategy option 'mu' expects a float, got 'big'"):
+        build_strategy(RunConfig(strategy="fedprox", strategy_options=(("mu", "big"),)), hooks)
+    with pytest.raises(ConfigError, match="mu must be a number >= 0"):
+        build_strategy(RunConfig(strategy="fedprox", strategy_options=(("mu", "-1"),)), hooks)
+    with pytest.raises(ConfigError, match="strategy 'equal_avg' takes no --strategy-option"):
+        build_strategy(RunConfig(strategy_options=(("mu", "1"),)), hooks)
+
+
+def test_equal_weights_leave_extra_records_of_a_reply_alone():
+    msgs = replies()
+    msgs[0].content["cme"] = ConfigRecord({"payload": b"x"})
+    arrays, _ = EqualWeightFedAvg(min_available_nodes=3).aggregate_train(1, msgs)
+    np.testing.assert_allclose(arrays["head.w"].numpy(), [4.0, 3.0])
+    assert "cme" in msgs[0].content.config_records

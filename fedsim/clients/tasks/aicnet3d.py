@@ -49,10 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim._logging import logger
-from fedsim.clients.tasks import register_task
+from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.clients.training import ProximalTerm, TrainCallback, TrainInfo
-from fedsim.config import ConfigError, Profile, RunConfig
+from fedsim.callbacks import TrainCallback, TrainInfo
+from fedsim.clients.training import ProximalTerm
+from fedsim.config import ConfigError, Profile, ResolvedConfig
+from fedsim.metrics.classification import binary_metrics
 from fedsim.data.partition import PartitionParams, partition, stratified_split
 from fedsim.data.synthetic_oct import (
     CLASS_NAMES,
@@ -112,51 +114,6 @@ class AICNet3DOptions:
             raise ValueError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
 
 
-# ---------------------------------------------------------------- metrics
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC = P(score of a random positive > score of a random negative), ties count 1/2
-    (the Mann-Whitney U statistic, via average ranks). NaN if one class is missing."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over tied groups
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
-
-
-def binary_metrics(labels: np.ndarray, scores: np.ndarray, preds: np.ndarray) -> dict[str, float]:
-    """Accuracy, sensitivity, specificity, F1 (glaucoma = positive), ROC AUC from ``scores`` and
-    balanced accuracy (the authors' "AUROC" on rounded predictions)."""
-    labels, preds = np.asarray(labels), np.asarray(preds)
-    tp = int(((preds == 1) & (labels == 1)).sum())
-    tn = int(((preds == 0) & (labels == 0)).sum())
-    fp = int(((preds == 1) & (labels == 0)).sum())
-    fn = int(((preds == 0) & (labels == 1)).sum())
-
-    def ratio(a: int, b: int) -> float:
-        return a / b if b else math.nan
-
-    sens, spec = ratio(tp, tp + fn), ratio(tn, tn + fp)
-    return {
-        "accuracy": ratio(tp + tn, len(labels)),
-        "sensitivity": sens,
-        "specificity": spec,
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "auc": roc_auc(labels, scores),
-        "balanced-accuracy": (sens + spec) / 2,
-    }
-
-
 # ---------------------------------------------------------------- data
 @dataclass(frozen=True)
 class Split:
@@ -166,12 +123,11 @@ class Split:
     clients: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
 
 
-def make_split(cfg: RunConfig, labels: np.ndarray, val_fraction: float | None) -> Split:
+def make_split(cfg: ResolvedConfig, labels: np.ndarray, val_fraction: float | None) -> Split:
     n = len(labels)
     perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
     n_global = max(2, round(cfg.global_test_fraction * n))
     global_test, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
-    assert cfg.partition is not None
     try:
         parts = partition(cfg.partition, labels[pool], cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
     except ValueError as exc:
@@ -182,7 +138,7 @@ def make_split(cfg: RunConfig, labels: np.ndarray, val_fraction: float | None) -
     return Split(global_test, tuple(clients))
 
 
-def _client_split(cfg: RunConfig, idx: np.ndarray, labels: np.ndarray, val_fraction: float | None, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _client_split(cfg: ResolvedConfig, idx: np.ndarray, labels: np.ndarray, val_fraction: float | None, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     need = 4 if val_fraction else 3
     if len(idx) < need:
         raise ConfigError(f"{who} gets only {len(idx)} volumes; need at least {need} (use fewer clients or more samples)")
@@ -195,8 +151,7 @@ def _client_split(cfg: RunConfig, idx: np.ndarray, labels: np.ndarray, val_fract
     return train, val, test
 
 
-def task_shape(cfg: RunConfig) -> tuple[int, int, int]:
-    assert cfg.image_size is not None
+def task_shape(cfg: ResolvedConfig) -> tuple[int, int, int]:
     return volume_shape(cfg.image_size)
 
 
@@ -219,17 +174,16 @@ def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tup
     return generate_volumes(indices, shape, seed)
 
 
-def volumes(cfg: RunConfig, idx: np.ndarray, data_dir: str | None = None) -> np.ndarray:
+def volumes(cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> np.ndarray:
     d = cfg.data_dir if data_dir is None else data_dir
     return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx))
 
 
-def cohort_labels_for(cfg: RunConfig, data_dir: str | None = None) -> np.ndarray:
+def cohort_labels_for(cfg: ResolvedConfig, data_dir: str | None = None) -> np.ndarray:
     """Labels of the whole cohort (cheap: no volume is decoded or generated)."""
     d = cfg.data_dir if data_dir is None else data_dir
     if d:
         return _scan(d).labels
-    assert cfg.num_samples is not None
     return cohort_labels(cfg.num_samples)
 
 
@@ -308,20 +262,20 @@ class AICNet3DTask(Task):
     def model_choices(self) -> list[str]:
         return AICNET3D_MODELS.names()
 
-    def build_model(self, name: str, cfg: RunConfig) -> nn.Module:
+    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
         return build_aicnet3d(name, task_shape(cfg))
 
-    def _val_fraction(self, cfg: RunConfig) -> float | None:
+    def _val_fraction(self, cfg: ResolvedConfig) -> float | None:
         opts: AICNet3DOptions = self.options(cfg)
         return opts.val_fraction if opts.early_stopping else None
 
-    def check_data(self, cfg: RunConfig) -> list[int]:
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
         if cfg.image_size is not None and cfg.image_size < 16:
             raise ConfigError(f"image_size (B-scans) must be >= 16 for aicnet3d, got {cfg.image_size}")
         split = make_split(cfg, cohort_labels_for(cfg), self._val_fraction(cfg))
         return [len(tr) + len(va) + len(te) for tr, va, te in split.clients]
 
-    def _client_indices(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _client_indices(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Cohort labels and this client's (train, validation, test) cohort indices."""
         labels = cohort_labels_for(cfg, data_dir)
         vf = self._val_fraction(cfg)
@@ -331,16 +285,15 @@ class AICNet3DTask(Task):
             tr, va, te = make_split(cfg, labels, vf).clients[partition_id]
         return labels, tr, va, te
 
-    def stage(self, cfg: RunConfig, server_round: int) -> int:
+    def stage(self, cfg: ResolvedConfig, server_round: int) -> int:
         """1 (BCE) or 2 (consistency fine-tuning) for ``server_round`` (the last k rounds are stage 2)."""
         opts: AICNet3DOptions = self.options(cfg)
-        assert cfg.rounds is not None
         return 2 if opts.finetune_rounds and server_round > cfg.rounds - opts.finetune_rounds else 1
 
     def train(
         self,
         model: nn.Module,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         partition_id: int,
         server_round: int,
         device: torch.device,
@@ -350,7 +303,6 @@ class AICNet3DTask(Task):
         anchor: dict[str, torch.Tensor] | None = None,
     ) -> LocalResult:
         assert isinstance(model, AICNet3D)
-        assert cfg.batch_size is not None and cfg.lr is not None and cfg.local_epochs is not None
         opts: AICNet3DOptions = self.options(cfg)
         labels, train_idx, val_idx, _ = self._client_indices(cfg, partition_id, data_dir)
         x_all, y_all = torch.from_numpy(volumes(cfg, train_idx, data_dir)), torch.from_numpy(labels[train_idx])
@@ -431,7 +383,7 @@ class AICNet3DTask(Task):
         return LocalResult(len(pos), result)
 
     @torch.no_grad()
-    def _predict(self, model: nn.Module, vols: np.ndarray, device: torch.device, cfg: RunConfig) -> np.ndarray:
+    def _predict(self, model: nn.Module, vols: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> np.ndarray:
         """Logits ``(N, 2)`` of the volumes, in evaluation mode."""
         model.to(device).eval()
         bs = EVAL_BATCH.get(cfg.profile, 8)
@@ -439,7 +391,7 @@ class AICNet3DTask(Task):
         out = [model(_scale(to_input(x[i : i + bs], device))).float().cpu() for i in range(0, len(vols), bs)]
         return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
-    def _evaluate(self, model: nn.Module, vols: np.ndarray, labels: np.ndarray, device: torch.device, cfg: RunConfig) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module, vols: np.ndarray, labels: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> dict[str, float]:
         was_training = model.training
         logits = torch.from_numpy(self._predict(model, vols, device, cfg))
         y = torch.from_numpy(labels)
@@ -450,27 +402,24 @@ class AICNet3DTask(Task):
         return metrics
 
     def evaluate_local(
-        self, model: nn.Module, cfg: RunConfig, partition_id: int, device: torch.device, data_dir: str | None = None
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
         labels, _, _, test_idx = self._client_indices(cfg, partition_id, data_dir)
         return LocalResult(len(test_idx), self._evaluate(model, volumes(cfg, test_idx, data_dir), labels[test_idx], device, cfg))
 
-    def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult:
+    def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
         labels = cohort_labels_for(cfg)
         idx = make_split(cfg, labels, self._val_fraction(cfg)).global_test
         return LocalResult(len(idx), self._evaluate(model, volumes(cfg, idx), labels[idx], device, cfg))
 
     # ------------------------------------------------------------ figures
-    def analysis_figures(self, run_dir: Path, cfg: RunConfig, out_dir: Path, num_volumes: int = 4) -> list[Path]:
+    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path, num_volumes: int = 4) -> list[Path]:
         """CARE and Grad-CAM of the final global model on a few global-test volumes (both classes
         when possible): per volume, the central B-scan and an en-face projection (mean over depth)
         with each map (upsampled to the volume, trilinear) overlaid."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from fedsim.server.rundir import RunDir
+        from fedsim.rundir import RunDir
 
         params = RunDir(run_dir).load_params()
         model = self.build_model(cfg.server_model or DEFAULT_MODEL, cfg)
@@ -515,4 +464,4 @@ class AICNet3DTask(Task):
         return paths
 
 
-__all__ = ["PROFILES", "AICNet3DOptions", "AICNet3DTask", "binary_metrics", "roc_auc"]
+__all__ = ["PROFILES", "AICNet3DOptions", "AICNet3DTask"]

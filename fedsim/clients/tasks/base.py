@@ -7,8 +7,6 @@ plus ``@register_task``.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fedsim.config import parse_options
+
 if TYPE_CHECKING:
-    from fedsim.clients.training import TrainCallback
-    from fedsim.config import Profile, RunConfig
+    from fedsim.callbacks import TrainCallback
+    from fedsim.config import Profile, ResolvedConfig
 
 
 @dataclass(frozen=True)
@@ -61,28 +61,28 @@ class Task(ABC):
 
         return list_models()
 
-    def options(self, cfg: RunConfig) -> Any:
+    def options(self, cfg: ResolvedConfig) -> Any:
         """The task's typed options for this run (an ``options_type`` instance, or ``None``)."""
-        return parse_task_options(self, cfg.task_options)
+        return parse_options(self.options_type, cfg.task_options, "task", self.name)
 
-    def analysis_figures(self, run_dir: Path, cfg: RunConfig, out_dir: Path) -> list[Path]:
+    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path) -> list[Path]:
         """Task-specific figures for ``fedsim analyze`` (e.g. attention maps, landmarks on slices),
         drawn from the run's final global parameters; return the PNG paths written. Default: none."""
         return []
 
     @abstractmethod
-    def check_data(self, cfg: RunConfig) -> list[int]:
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
         """Validate the data source cheaply (no training, ideally no decoding) and return the
         number of samples each client will get; raise a clear error otherwise."""
 
     @abstractmethod
-    def build_model(self, name: str, cfg: RunConfig) -> nn.Module: ...
+    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module: ...
 
     @abstractmethod
     def train(
         self,
         model: nn.Module,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         partition_id: int,
         server_round: int,
         device: torch.device,
@@ -98,54 +98,10 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate_local(
-        self, model: nn.Module, cfg: RunConfig, partition_id: int, device: torch.device, data_dir: str | None = None
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
         """Evaluate on the client's local test split."""
 
     @abstractmethod
-    def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult | None:
+    def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult | None:
         """Evaluate on the held-out global test set (``None`` if the task has none)."""
-
-
-def parse_task_options(task: Task, pairs: Sequence[tuple[str, Any]]) -> Any:
-    """Build ``task.options_type`` from ``(key, value)`` pairs; values may be strings (CLI, TOML)
-    and are converted to the field's type. Keys may use ``-`` or ``_``. Unknown keys and bad
-    values raise :class:`fedsim.config.ConfigError` naming the valid options."""
-    from fedsim.config import ConfigError
-
-    if task.options_type is None:
-        if pairs:
-            raise ConfigError(f"task {task.name!r} takes no --task-option; got {', '.join(k for k, _ in pairs)}")
-        return None
-    fields = {f.name: f for f in dataclasses.fields(task.options_type)}
-    hints = typing.get_type_hints(task.options_type)
-    kwargs: dict[str, Any] = {}
-    for key, value in pairs:
-        name = key.replace("-", "_")
-        if name not in fields:
-            valid = ", ".join(n.replace("_", "-") for n in fields)
-            raise ConfigError(f"unknown task option {key!r} for task {task.name!r}; valid options: {valid}")
-        kwargs[name] = _convert(hints[name], value, key)
-    try:
-        return task.options_type(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid task options for {task.name!r}: {exc}") from exc
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    from fedsim.config import ConfigError
-
-    if not isinstance(value, str):
-        return value
-    try:
-        if tp is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if tp in (int, float):
-            return tp(value)
-    except ValueError:
-        raise ConfigError(f"task option {key!r} expects a {tp.__name__}, got {value!r}") from None
-    return value

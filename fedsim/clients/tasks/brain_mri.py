@@ -22,10 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim._logging import logger
-from fedsim.clients.tasks import register_task
+from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.clients.training import TrainCallback, TrainInfo, evaluate_classifier, train_classifier
-from fedsim.config import ConfigError, Profile, RunConfig
+from fedsim.callbacks import TrainCallback, TrainInfo
+from fedsim.clients.training import evaluate_classifier, train_classifier
+from fedsim.config import ConfigError, Profile, ResolvedConfig
 from fedsim.data.folder import load_images, scan_image_folder
 from fedsim.data.partition import PartitionParams, partition, split_train_test
 from fedsim.data.synthetic_mri import CLASS_NAMES, apply_site_style, generate_cohort
@@ -46,21 +47,19 @@ class Split:
     clients: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
-def _labels_only(cfg: RunConfig, data_dir: str) -> np.ndarray:
+def _labels_only(cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
     if data_dir:
         return scan_image_folder(data_dir).labels
-    assert cfg.num_samples is not None
     return np.arange(cfg.num_samples, dtype=np.int64) % len(CLASS_NAMES)
 
 
-def make_split(cfg: RunConfig, labels: np.ndarray) -> Split:
+def make_split(cfg: ResolvedConfig, labels: np.ndarray) -> Split:
     """Seeded global-test / partition / local-split of a cohort with these labels."""
     n = len(labels)
     perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
     n_global = max(1, round(cfg.global_test_fraction * n))
     global_test, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
     params = PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions)
-    assert cfg.partition is not None
     try:
         parts = partition(cfg.partition, labels[pool], cfg.clients, cfg.seed, params)
     except ValueError as exc:
@@ -76,7 +75,7 @@ def make_split(cfg: RunConfig, labels: np.ndarray) -> Split:
     return Split(global_test, tuple(clients))
 
 
-def _local_split(cfg: RunConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _local_split(cfg: ResolvedConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     if n < 3:
         raise ConfigError(f"the node's data folder holds {n} images; need at least 3")
     return split_train_test(np.arange(n), cfg.local_test_fraction, cfg.seed)
@@ -93,9 +92,8 @@ def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int) -> tupl
     return generate_cohort(num_samples, image_size, seed)
 
 
-def cohort(cfg: RunConfig, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cohort(cfg: ResolvedConfig, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     d = cfg.data_dir if data_dir is None else data_dir
-    assert cfg.image_size is not None and cfg.num_samples is not None
     return _cohort(d, cfg.image_size, cfg.num_samples if not d else 0, cfg.seed)
 
 
@@ -107,15 +105,15 @@ class BrainMRITask(Task):
     num_classes = len(CLASS_NAMES)
     in_channels = 1
 
-    def check_data(self, cfg: RunConfig) -> list[int]:
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
         labels = _labels_only(cfg, cfg.data_dir)
         split = make_split(cfg, labels)
         return [len(tr) + len(te) for tr, te in split.clients]
 
-    def build_model(self, name: str, cfg: RunConfig) -> nn.Module:
+    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
         return build_model(name, num_classes=self.num_classes, in_channels=self.in_channels, spatial_dims=2)
 
-    def _client_arrays(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
+    def _client_arrays(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
         images, labels = cohort(cfg, data_dir)
         if data_dir:  # node-local folder: all of it belongs to this client
             train_idx, test_idx = _local_split(cfg, len(labels))
@@ -131,7 +129,7 @@ class BrainMRITask(Task):
     def train(
         self,
         model: nn.Module,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         partition_id: int,
         server_round: int,
         device: torch.device,
@@ -142,7 +140,6 @@ class BrainMRITask(Task):
     ) -> LocalResult:
         train_ds, _ = self._client_arrays(cfg, partition_id, data_dir)
         seed = _seed(cfg.seed, server_round, partition_id)
-        assert cfg.batch_size is not None and cfg.lr is not None and cfg.local_epochs is not None
         loader = DataLoader(
             train_ds,
             batch_size=cfg.batch_size,
@@ -158,12 +155,12 @@ class BrainMRITask(Task):
         return LocalResult(len(train_ds), metrics)
 
     def evaluate_local(
-        self, model: nn.Module, cfg: RunConfig, partition_id: int, device: torch.device, data_dir: str | None = None
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
         _, test_ds = self._client_arrays(cfg, partition_id, data_dir)
         return LocalResult(len(test_ds), evaluate_classifier(model, _eval_loader(test_ds), device))
 
-    def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult:
+    def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
         images, labels = cohort(cfg)
         idx = make_split(cfg, labels).global_test
         ds = _dataset(images[idx], labels[idx])

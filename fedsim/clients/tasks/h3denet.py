@@ -27,7 +27,7 @@ model is aggregated): ``h3denet`` (default: BRA encoder + decoder + anchor-ball 
 plain 3D U-Net with the heatmap head at full resolution). Widths depend on the profile (narrow
 for ``tiny``/``quick``, the paper's for ``paper``).
 
-Metrics (:mod:`fedsim.analysis.landmarks`): ``loss``, ``mre``, ``sd``, ``sdr-2mm``,
+Metrics (:mod:`fedsim.metrics.landmarks`): ``loss``, ``mre``, ``sd``, ``sdr-2mm``,
 ``sdr-2.5mm``, ``sdr-3mm``, ``sdr-4mm`` over existing landmarks, the same suffixed ``-missing``
 over cases with missing landmarks, and ``landmarks`` (how many were scored).
 """
@@ -44,11 +44,12 @@ import torch
 from torch import nn
 
 from fedsim._logging import logger
-from fedsim.analysis.landmarks import landmark_metrics, radial_errors
-from fedsim.clients.tasks import register_task
+from fedsim.metrics.landmarks import landmark_metrics, radial_errors
+from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.clients.training import ProximalTerm, TrainCallback, TrainInfo
-from fedsim.config import ConfigError, Profile, RunConfig
+from fedsim.callbacks import TrainCallback, TrainInfo
+from fedsim.clients.training import ProximalTerm
+from fedsim.config import ConfigError, Profile, ResolvedConfig
 from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, prepare_case
 from fedsim.data.partition import PartitionParams, partition, stratified_split
@@ -148,17 +149,16 @@ class Split:
     clients: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
-def _incomplete(cfg: RunConfig, data_dir: str, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:
+def _incomplete(cfg: ResolvedConfig, data_dir: str, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:
     """0/1 per cohort case: has at least one missing landmark (cheap: no volume is read). For a
     real folder every label file is read (once per process) and checked for ``num_landmarks``, so
     a wrong count is refused before any training."""
     if data_dir:
         return _real_strata(data_dir, num_landmarks)
-    assert cfg.num_samples is not None
     return np.array([len(missing_landmarks(i, cfg.seed)) > 0 for i in range(cfg.num_samples)], np.int64)
 
 
-def _client_split(cfg: RunConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
+def _client_split(cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
     if len(idx) < 2:
         raise ConfigError(f"{who} gets only {len(idx)} cases; need at least 2 (use fewer clients or more samples)")
     train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
@@ -167,9 +167,8 @@ def _client_split(cfg: RunConfig, idx: np.ndarray, strata: np.ndarray, who: str)
     return train, test
 
 
-def make_split(cfg: RunConfig, strata: np.ndarray) -> Split:
+def make_split(cfg: ResolvedConfig, strata: np.ndarray) -> Split:
     pool, global_test = stratified_split(np.arange(len(strata)), strata, cfg.global_test_fraction, cfg.seed + 101)
-    assert cfg.partition is not None
     try:
         parts = partition(cfg.partition, strata[pool], cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
     except ValueError as exc:
@@ -234,12 +233,11 @@ class H3DENetTask(Task):
     def model_choices(self) -> list[str]:
         return LANDMARK_MODELS.names()
 
-    def build_model(self, name: str, cfg: RunConfig) -> nn.Module:
+    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
         opts: H3DENetOptions = self.options(cfg)
         return LANDMARK_MODELS.get(name)(WIDTHS.get(cfg.profile, WIDTHS["paper"]), opts.num_landmarks)
 
-    def check_data(self, cfg: RunConfig) -> list[int]:
-        assert cfg.image_size is not None
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
         if cfg.image_size % 64:
             raise ConfigError(
                 f"image_size must be a multiple of 64 for h3denet (crop s x s x s/2, every axis divisible by "
@@ -248,15 +246,14 @@ class H3DENetTask(Task):
         split = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks))
         return [len(tr) + len(te) for tr, te in split.clients]
 
-    def _client_indices(self, cfg: RunConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def _client_indices(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
         d = cfg.data_dir if data_dir is None else data_dir
         strata = _incomplete(cfg, d, self.options(cfg).num_landmarks)
         if data_dir:  # node-local folder: all of it belongs to this client
             return _client_split(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
         return make_split(cfg, strata).clients[partition_id]
 
-    def cases(self, cfg: RunConfig, idx: np.ndarray, data_dir: str | None = None) -> tuple[CTCase, ...]:
-        assert cfg.image_size is not None
+    def cases(self, cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> tuple[CTCase, ...]:
         d = cfg.data_dir if data_dir is None else data_dir
         native = tuple(round(NATIVE_SCALE * n) for n in crop_shape(cfg.image_size))
         opts: H3DENetOptions = self.options(cfg)
@@ -265,7 +262,7 @@ class H3DENetTask(Task):
     def train(
         self,
         model: nn.Module,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         partition_id: int,
         server_round: int,
         device: torch.device,
@@ -275,7 +272,6 @@ class H3DENetTask(Task):
         anchor: dict[str, torch.Tensor] | None = None,
     ) -> LocalResult:
         assert isinstance(model, LandmarkNet)
-        assert cfg.batch_size is not None and cfg.lr is not None and cfg.local_epochs is not None and cfg.image_size is not None
         opts: H3DENetOptions = self.options(cfg)
         train_idx, _ = self._client_indices(cfg, partition_id, data_dir)
         cases = self.cases(cfg, train_idx, data_dir)
@@ -322,10 +318,10 @@ class H3DENetTask(Task):
         return LocalResult(len(cases), metrics)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, cases: Sequence[CTCase], cfg: RunConfig, device: torch.device) -> tuple[list[PreparedCase], np.ndarray, float]:
+    def predict(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> tuple[list[PreparedCase], np.ndarray, float]:
         """Evaluation-mode predictions: the prepared cases (``eval-zoom``, centred), predicted
         voxel coordinates ``(N, L, 3)`` in the prepared volumes, and the mean loss."""
-        assert isinstance(model, LandmarkNet) and cfg.image_size is not None and cfg.batch_size is not None
+        assert isinstance(model, LandmarkNet)
         opts: H3DENetOptions = self.options(cfg)
         crop = crop_shape(cfg.image_size)
         was_training = model.training
@@ -340,34 +336,31 @@ class H3DENetTask(Task):
         model.train(was_training)
         return prepared, np.concatenate(preds), loss_sum / max(len(prepared), 1)
 
-    def _evaluate(self, model: nn.Module, cases: Sequence[CTCase], cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> dict[str, float]:
         prepared, pred, loss = self.predict(model, cases, cfg, device)
         true = np.stack([p.landmarks for p in prepared])
         errors = radial_errors(pred, true, np.stack([p.spacing for p in prepared]))
         return {"loss": loss, **landmark_metrics(errors)}
 
     def evaluate_local(
-        self, model: nn.Module, cfg: RunConfig, partition_id: int, device: torch.device, data_dir: str | None = None
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
         _, test_idx = self._client_indices(cfg, partition_id, data_dir)
         return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device))
 
-    def evaluate_global(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> LocalResult:
+    def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
         idx = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks)).global_test
         return LocalResult(len(idx), self._evaluate(model, self.cases(cfg, idx), cfg, device))
 
     # ------------------------------------------------------------ figures
-    def analysis_figures(self, run_dir: Path, cfg: RunConfig, out_dir: Path, num_cases: int = 4) -> list[Path]:
+    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path, num_cases: int = 4) -> list[Path]:
         """Predicted vs true landmarks of the final global model on a few global-test cases
         (incomplete ones first): per case the maximum-intensity projections along the three axes
         with true landmarks (green circles), predictions (red crosses, joined to their truth) and
         predictions of missing landmarks (grey crosses)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from fedsim.server.rundir import RunDir
+        from fedsim.rundir import RunDir
 
         params = RunDir(run_dir).load_params()
         model = self.build_model(cfg.server_model or self.default_model, cfg)

@@ -32,6 +32,14 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
+def default_out_dir(task: str, scenario: int, profile: str) -> Path:
+    """``runs/<task>-s<scenario>-<profile>-<time>``: where a run goes when ``--out`` is not given."""
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{task}-s{scenario}-{profile}-{stamp}"
+
+
 class RunDirExistsError(FileExistsError):
     """The output folder already holds a fedsim run."""
 

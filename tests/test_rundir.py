@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from fedsim.server.rundir import METRICS_FILE, PARAMS_FILE, RunDir, RunDirExistsError, atomic_write_bytes
+from fedsim.rundir import METRICS_FILE, PARAMS_FILE, RunDir, RunDirExistsError, atomic_write_bytes
 
 
 def test_config_metrics_params_round_trip(tmp_path):

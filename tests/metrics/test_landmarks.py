@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.analysis.landmarks import landmark_metrics, radial_errors
+from fedsim.metrics.landmarks import landmark_metrics, radial_errors
 
 NAN = math.nan
 

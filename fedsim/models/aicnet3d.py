@@ -10,7 +10,8 @@ Conv3d 1->32 k7 s2 + BN + ReLU; Conv3d 32->32 k5 + BN + ReLU; attention block A1
 two Conv3d 32->32 k3 + BN + ReLU; attention block A2 + MaxPool3d(2); Conv3d 32->32 k3 + BN + ReLU
 (the Grad-CAM target); global average pooling; Linear 32->2.
 
-Variants (task-local registry :data:`AICNET3D_MODELS`):
+Variants (registered in :mod:`fedsim.models` for the ``aicnet3d`` task; build one with
+``build_model(name, input_shape=(D, H, W))``):
 
 * ``aicnet3d_hemiretinal`` (default): A1/A2 attend between the superior and inferior halves of ``D``;
 * ``aicnet3d_neuronaxon``: between the macula and optic-nerve-head halves of ``W``;
@@ -28,14 +29,13 @@ maximum, and have the same spatial size (``D/8 x H/8 x W/8``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.registry import Registry
+from fedsim.models.registry import register_model
 
 #: Splits of the attention variants: which anatomical halves attend to each other.
 SPLITS = ("hemiretinal", "neuronaxon", "hemiretinal_neuronaxon")
@@ -311,18 +311,19 @@ def consistency_loss(gradcam: torch.Tensor, care: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(gradcam, care)
 
 
-# ---------------------------------------------------------------- task-local registry
-ModelBuilder = Callable[..., AICNet3D]
-AICNET3D_MODELS: Registry[ModelBuilder] = Registry("aicnet3d model")
+# ---------------------------------------------------------------- registration
+#: The variant the ``aicnet3d`` task uses when the user names none.
 DEFAULT_MODEL = "aicnet3d_hemiretinal"
+#: The paper's volume size ``(D, H, W)``.
+PAPER_SHAPE = (128, 192, 112)
 
 
 def _register(name: str, attention: str | None) -> None:
-    def build(input_shape: tuple[int, int, int] = (128, 192, 112), channels: int = 32) -> AICNet3D:
+    def build(input_shape: tuple[int, int, int] = PAPER_SHAPE, channels: int = 32) -> AICNet3D:
         return AICNet3D(attention, channels=channels, input_shape=input_shape)
 
-    build.__doc__ = f"AI-CNet3D with attention {attention!r}."
-    AICNET3D_MODELS.register(name)(build)
+    build.__doc__ = f"AI-CNet3D with attention {attention!r} for volumes ``input_shape`` (D, H, W)."
+    register_model(name, tasks=("aicnet3d",))(build)
 
 
 for _name, _att in (
@@ -333,11 +334,6 @@ for _name, _att in (
     ("aicnet3d_epa", "epa"),
 ):
     _register(_name, _att)
-
-
-def build_aicnet3d(name: str, input_shape: tuple[int, int, int] = (128, 192, 112), channels: int = 32) -> AICNet3D:
-    """Build the variant ``name`` (see :data:`AICNET3D_MODELS`) for volumes ``input_shape``."""
-    return AICNET3D_MODELS.get(name)(input_shape=input_shape, channels=channels)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -51,6 +51,6 @@ class AlexNetSkip(nn.Module):
         return torch.flatten(self.gap(self.pool3(x5)), 1)
 
 
-@register_model("alexnet_skip")
-def build_alexnet_skip(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
+@register_model("alexnet_skip", tasks=("brain_mri",))
+def build_alexnet_skip(num_classes: int = 4, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
     return FedsimModel("alexnet_skip", AlexNetSkip(in_channels, spatial_dims), 256, num_classes)

@@ -10,8 +10,8 @@ from fedsim.models.base import FedsimModel
 from fedsim.models.registry import register_model
 
 
-@register_model("densenet121")
-def build_densenet121(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
+@register_model("densenet121", tasks=("brain_mri",))
+def build_densenet121(num_classes: int = 4, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
     require_2d("densenet121", spatial_dims)
     net = densenet121(weights=None)
     if in_channels != 3:

@@ -13,6 +13,11 @@ the tokens of those k regions. A local positional term (LePE, a depthwise 5x5x5 
 ``v``) is added and the result projected by ``Linear(C, C)``. With ``top-k`` = the number of
 regions this is exactly full multi-head self-attention (+ LePE + projection); small ``k`` makes the
 cost grow with ``k`` instead of the number of regions.
+
+The three landmark models registered for the ``h3denet`` task combine them with a head:
+``h3denet`` (anchor-ball head), ``h3denet_heatmap`` (heatmap head, the paper's baseline head) and
+``unet3d``; widths come from :data:`WIDTHS` by ``size``. Build one with
+``fedsim.models.build_model(name, size="tiny", num_landmarks=14)``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedsim.config import ConfigError
+from fedsim.data.synthetic_ct import NUM_LANDMARKS
+from fedsim.models.landmark_heads import AnchorHead, HeatmapHead, LandmarkNet
+from fedsim.models.registry import register_model
 
 
 class BiLevelRoutingAttention3d(nn.Module):
@@ -210,4 +220,62 @@ class UNet3DBackbone(nn.Module):
         return x
 
 
-__all__ = ["BiLevelRoutingAttention3d", "H3DEArch", "H3DEBackbone", "H3DEBlock", "UNet3DBackbone"]
+# ---------------------------------------------------------------- registration
+@dataclass(frozen=True)
+class LandmarkWidths:
+    """Network widths of one size: the H3DE encoder and the U-Net baseline's levels."""
+
+    h3de: H3DEArch
+    unet: tuple[int, ...]
+
+
+#: Widths per ``size`` (the ``h3denet`` task passes its profile): narrow for ``tiny`` and
+#: ``quick`` (CPU), the paper's for ``paper``.
+WIDTHS: dict[str, LandmarkWidths] = {
+    "tiny": LandmarkWidths(H3DEArch(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1), stem_width=4, head_dim=8), (4, 8, 16, 32)),
+    "quick": LandmarkWidths(H3DEArch(widths=(16, 32, 64, 128), depths=(1, 1, 2, 1), stem_width=8, head_dim=16), (8, 16, 32, 64)),
+    "paper": LandmarkWidths(H3DEArch(), (32, 64, 128, 256)),
+}
+
+
+def landmark_widths(size: str) -> LandmarkWidths:
+    """The widths of ``size`` (a key of :data:`WIDTHS`); an unknown size lists the valid ones."""
+    if size not in WIDTHS:
+        raise ConfigError(f"unknown size {size!r} for the landmark models; valid choices: {', '.join(WIDTHS)}")
+    return WIDTHS[size]
+
+
+@register_model("h3denet", tasks=("h3denet",))
+def build_h3denet(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
+    """H3DE-Net: the BRA encoder + multi-scale decoder with the anchor-ball head."""
+    backbone = H3DEBackbone(landmark_widths(size).h3de)
+    return LandmarkNet(backbone, AnchorHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
+
+
+@register_model("h3denet_heatmap", tasks=("h3denet",))
+def build_h3denet_heatmap(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
+    """The H3DE-Net backbone with the heatmap head (the paper's baseline head)."""
+    backbone = H3DEBackbone(landmark_widths(size).h3de)
+    return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
+
+
+@register_model("unet3d", tasks=("h3denet",))
+def build_unet3d(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
+    """A plain 3D U-Net with the heatmap head at full resolution (the paper's UNet3D baseline)."""
+    backbone = UNet3DBackbone(landmark_widths(size).unet)
+    return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
+
+
+__all__ = [
+    "WIDTHS",
+    "BiLevelRoutingAttention3d",
+    "H3DEArch",
+    "H3DEBackbone",
+    "H3DEBlock",
+    "LandmarkWidths",
+    "UNet3DBackbone",
+    "build_h3denet",
+    "build_h3denet_heatmap",
+    "build_unet3d",
+    "landmark_widths",
+]

@@ -10,8 +10,8 @@ from fedsim.models.base import FedsimModel
 from fedsim.models.registry import register_model
 
 
-@register_model("resnet50")
-def build_resnet50(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
+@register_model("resnet50", tasks=("brain_mri",))
+def build_resnet50(num_classes: int = 4, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
     require_2d("resnet50", spatial_dims)
     net = resnet50(weights=None)
     if in_channels != 3:

@@ -9,8 +9,8 @@ from fedsim.models.base import FedsimModel
 from fedsim.models.registry import register_model
 
 
-@register_model("small_cnn")
-def build_small_cnn(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
+@register_model("small_cnn", tasks=("brain_mri",))
+def build_small_cnn(num_classes: int = 4, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel:
     Conv, BN, Pool = conv(spatial_dims), batchnorm(spatial_dims), maxpool(spatial_dims)
     layers: list[nn.Module] = []
     cin = in_channels

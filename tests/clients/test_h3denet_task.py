@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from fedsim.clients.tasks import get_task
-from fedsim.clients.tasks.h3denet import WIDTHS, H3DENetTask, crop_shape, make_split
+from fedsim.clients.tasks.h3denet import H3DENetTask, crop_shape, make_split
 from fedsim.callbacks import TrainCallback
 from fedsim.config import ConfigError, RunConfig
 from fedsim.clients.tasks import resolve_config
+from fedsim.models.h3denet import WIDTHS
 from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.models.sharing import shared_parameter_names
 

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedsim.models import build_model, list_models
 from fedsim.models.aicnet3d import (
-    AICNET3D_MODELS,
     AnatomicalCrossAttention,
-    build_aicnet3d,
     care_map,
     consistency_loss,
     count_parameters,
@@ -17,7 +16,7 @@ from fedsim.models.aicnet3d import (
     normalise_map,
 )
 
-VARIANTS = AICNET3D_MODELS.names()
+VARIANTS = list_models(task="aicnet3d")
 PAPER = (128, 192, 112)
 
 
@@ -25,7 +24,7 @@ PAPER = (128, 192, 112)
 @pytest.mark.parametrize("shape", [(16, 24, 14), (24, 40, 18)])
 def test_output_shapes_every_variant_two_sizes(name, shape):
     torch.manual_seed(0)
-    model = build_aicnet3d(name, shape).eval()
+    model = build_model(name, input_shape=shape).eval()
     out = model.forward_features(torch.randn(2, 1, *shape))
     expected = tuple(((s + 1) // 2) // 2 // 2 for s in shape)  # k7 s2 conv, then two max-pools
     assert out.logits.shape == (2, 2)
@@ -35,7 +34,7 @@ def test_output_shapes_every_variant_two_sizes(name, shape):
 
 
 def test_epa_rejects_another_input_size():
-    model = build_aicnet3d("aicnet3d_epa", (16, 24, 14))
+    model = build_model("aicnet3d_epa", input_shape=(16, 24, 14))
     with pytest.raises(ValueError, match="tokens"):
         model(torch.randn(1, 1, 24, 40, 18))
 
@@ -122,7 +121,7 @@ def test_normalise_map_relu_and_per_sample_max():
 def test_care_and_gradcam_shapes_and_normalisation(name):
     torch.manual_seed(4)
     shape = (16, 24, 14)
-    model = build_aicnet3d(name, shape).eval()
+    model = build_model(name, input_shape=shape).eval()
     out = model.forward_features(torch.randn(3, 1, *shape))
     care = care_map(out.care_features)
     gcam = gradcam_map(out.logits, out.gradcam_features)
@@ -152,7 +151,7 @@ def test_consistency_loss_zero_when_maps_agree_and_decreases():
     shape = (16, 24, 14)
     a = torch.rand(2, 2, 3, 1)
     assert consistency_loss(a, a.clone()).item() == 0.0
-    model = build_aicnet3d("aicnet3d_hemiretinal", shape)
+    model = build_model("aicnet3d_hemiretinal", input_shape=shape)
     model.eval()  # fixed batch, deterministic (no dropout, fixed BN statistics)
     x = torch.randn(2, 1, *shape)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -169,7 +168,7 @@ def test_consistency_loss_zero_when_maps_agree_and_decreases():
 
 def _params(name: str, shape=PAPER) -> int:
     with torch.device("meta"):
-        return count_parameters(build_aicnet3d(name, shape))
+        return count_parameters(build_model(name, input_shape=shape))
 
 
 def test_parameter_counts():

@@ -1,14 +1,60 @@
 import pytest
 import torch
+from torch import nn
 
-from fedsim.models import CME_DEFAULT_LAYER, HEAD_WIDTH, build_model, list_models, load_local_weights
+from fedsim.config import ConfigError
+from fedsim.models import CME_DEFAULT_LAYER, HEAD_WIDTH, MODELS, build_model, list_models, register_model
+from fedsim.models.aicnet3d import AICNet3D
+from fedsim.models.h3denet import WIDTHS
+from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.models.sharing import shared_parameter_names
+from fedsim.registry import UnknownNameError
 
 FEATURES = {"resnet50": 2048, "densenet121": 1024, "alexnet_skip": 256, "small_cnn": 64}
+AICNET3D = ["aicnet3d_epa", "aicnet3d_hemiretinal", "aicnet3d_hemiretinal_neuronaxon", "aicnet3d_neuronaxon", "aicnet3d_plain"]
+LANDMARK = ["h3denet", "h3denet_heatmap", "unet3d"]
 
 
-def test_registry_lists_all_models():
-    assert list_models() == ["alexnet_skip", "densenet121", "resnet50", "small_cnn"]
+def test_one_registry_holds_the_2d_oct_and_ct_models_by_task():
+    assert list_models(task="brain_mri") == ["alexnet_skip", "densenet121", "resnet50", "small_cnn"]
+    assert list_models(task="aicnet3d") == AICNET3D
+    assert list_models(task="h3denet") == LANDMARK
+    assert list_models() == sorted([*FEATURES, *AICNET3D, *LANDMARK])
+    assert list_models(task="no_such_task") == []
+
+
+def test_3d_models_build_through_the_registry():
+    with torch.device("meta"):
+        oct_net = build_model("aicnet3d_plain", input_shape=(16, 24, 14))
+        ct_net = build_model("unet3d", size="tiny", num_landmarks=5)
+    assert isinstance(oct_net, AICNet3D) and oct_net.attention is None
+    assert isinstance(ct_net, LandmarkNet) and ct_net.backbone.widths == WIDTHS["tiny"].unet
+    assert ct_net.head.num_landmarks == 5
+
+
+def test_unknown_name_bad_config_key_and_unknown_size_are_clear_errors():
+    with pytest.raises(UnknownNameError, match="unknown model 'resnet18'; valid choices: aicnet3d_epa, .*small_cnn, unet3d"):
+        build_model("resnet18")
+    with pytest.raises(ConfigError, match="model 'resnet50' takes no config key 'input_shape'; valid keys: num_classes, in_channels, spatial_dims"):
+        build_model("resnet50", input_shape=(16, 24, 14))
+    with pytest.raises(ConfigError, match="unknown size 'huge'.*valid choices: tiny, quick, paper"):
+        build_model("h3denet", size="huge")
+
+
+def test_registration_is_one_decorator_and_duplicates_are_an_error():
+    @register_model("_test_linear", tasks=("_test_task",))
+    def build(width: int) -> nn.Module:
+        return nn.Linear(width, 2)
+
+    try:
+        assert list_models(task="_test_task") == ["_test_linear"]
+        assert build_model("_test_linear", width=3).in_features == 3
+        with pytest.raises(ConfigError, match="needs the config key.*'width'"):
+            build_model("_test_linear")
+        with pytest.raises(ValueError, match="model 'resnet50' is already registered"):
+            register_model("resnet50")(build)
+    finally:
+        MODELS._items.pop("_test_linear")
 
 
 @pytest.mark.parametrize("name", sorted(FEATURES))
@@ -66,12 +112,16 @@ def test_local_weights_file_round_trip(tmp_path):
     dst = build_model("small_cnn", num_classes=4, weights=tmp_path / "w.pt")
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k])
-    # a file for another head size: backbone loads, mismatched head tensors are reported as skipped
-    other = build_model("small_cnn", num_classes=6)
-    skipped = load_local_weights(other, tmp_path / "w.pt")
-    assert skipped == ["head.out.bias", "head.out.weight"]
+    # a file for another head size: the backbone loads, mismatched head tensors keep their init
+    torch.manual_seed(1)
+    other = build_model("small_cnn", num_classes=6, weights=tmp_path / "w.pt")
+    mismatched = {k for k, v in other.state_dict().items() if not torch.equal(v, src.state_dict()[k])}
+    assert mismatched == {"head.out.bias", "head.out.weight"}
     with pytest.raises(FileNotFoundError, match="never downloads"):
         build_model("small_cnn", weights=tmp_path / "missing.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no tensor .* matches"):
+        build_model("small_cnn", weights=tmp_path / "other.pt")
 
 
 def test_sharing_same_model_is_whole_float_state():

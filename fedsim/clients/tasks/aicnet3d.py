@@ -65,15 +65,8 @@ from fedsim.data.synthetic_oct import (
     scan_oct_folder,
     volume_shape,
 )
-from fedsim.models.aicnet3d import (
-    AICNET3D_MODELS,
-    DEFAULT_MODEL,
-    AICNet3D,
-    build_aicnet3d,
-    care_map,
-    consistency_loss,
-    gradcam_map,
-)
+from fedsim.models import build_model
+from fedsim.models.aicnet3d import DEFAULT_MODEL, AICNet3D, care_map, consistency_loss, gradcam_map
 
 #: ``image_size`` = number of B-scans D (volume D x 1.5D x 0.875D, see :func:`volume_shape`).
 PROFILES: dict[str, Profile] = {
@@ -259,11 +252,8 @@ class AICNet3DTask(Task):
     cme_layers = ("conv5.0.weight",)
     options_type = AICNet3DOptions
 
-    def model_choices(self) -> list[str]:
-        return AICNET3D_MODELS.names()
-
     def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
-        return build_aicnet3d(name, task_shape(cfg))
+        return build_model(name, input_shape=task_shape(cfg))
 
     def _val_fraction(self, cfg: ResolvedConfig) -> float | None:
         opts: AICNet3DOptions = self.options(cfg)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedsim.config import parse_options
+from fedsim.models import list_models
 
 if TYPE_CHECKING:
     from fedsim.callbacks import TrainCallback
@@ -56,10 +57,8 @@ class Task(ABC):
     options_type: type | None = None
 
     def model_choices(self) -> list[str]:
-        """Model names this task can build (default: every model in :data:`fedsim.models.MODELS`)."""
-        from fedsim.models import list_models
-
-        return list_models()
+        """Model names this task can build: those registered for it (``@register_model(name, tasks=...)``)."""
+        return list_models(task=self.name)
 
     def options(self, cfg: ResolvedConfig) -> Any:
         """The task's typed options for this run (an ``options_type`` instance, or ``None``)."""

@@ -21,11 +21,11 @@ Training (paper section 4.1): Adam, lr from the profile (1e-3), betas (0.9, 0.98
 local epoch e is epoch ``(r - 1) * local_epochs + e``). The model's own loss (anchor or heatmap
 head, :mod:`fedsim.models.landmark_heads`).
 
-Models (task-local registry :data:`LANDMARK_MODELS`; every client uses the same one, so the whole
-model is aggregated): ``h3denet`` (default: BRA encoder + decoder + anchor-ball head),
+Models (:mod:`fedsim.models.h3denet`, registered for this task; every client uses the same one, so
+the whole model is aggregated): ``h3denet`` (default: BRA encoder + decoder + anchor-ball head),
 ``h3denet_heatmap`` (same backbone, heatmap head: the paper's baseline head) and ``unet3d`` (a
-plain 3D U-Net with the heatmap head at full resolution). Widths depend on the profile (narrow
-for ``tiny``/``quick``, the paper's for ``paper``).
+plain 3D U-Net with the heatmap head at full resolution). Widths depend on the profile (``size``:
+narrow for ``tiny``/``quick``, the paper's for ``paper``).
 
 Metrics (:mod:`fedsim.metrics.landmarks`): ``loss``, ``mre``, ``sd``, ``sdr-2mm``,
 ``sdr-2.5mm``, ``sdr-3mm``, ``sdr-4mm`` over existing landmarks, the same suffixed ``-missing``
@@ -35,7 +35,7 @@ over cases with missing landmarks, and ``landmarks`` (how many were scored).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,8 @@ from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, prepare_case
 from fedsim.data.partition import PartitionParams, partition, stratified_split
 from fedsim.data.synthetic_ct import NUM_LANDMARKS, CTCase, generate_case, missing_landmarks
-from fedsim.models.h3denet import H3DEArch, H3DEBackbone, UNet3DBackbone
-from fedsim.models.landmark_heads import AnchorHead, HeatmapHead, LandmarkNet
-from fedsim.registry import Registry
+from fedsim.models import build_model
+from fedsim.models.landmark_heads import LandmarkNet
 
 #: ``image_size`` = crop side ``s``; the crop is ``s x s x s/2``.
 PROFILES: dict[str, Profile] = {
@@ -66,43 +65,8 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-@dataclass(frozen=True)
-class Widths:
-    """Per-profile network widths: the H3DE encoder and the U-Net baseline."""
-
-    h3de: H3DEArch
-    unet: tuple[int, ...]
-
-
-WIDTHS: dict[str, Widths] = {
-    "tiny": Widths(H3DEArch(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1), stem_width=4, head_dim=8), (4, 8, 16, 32)),
-    "quick": Widths(H3DEArch(widths=(16, 32, 64, 128), depths=(1, 1, 2, 1), stem_width=8, head_dim=16), (8, 16, 32, 64)),
-    "paper": Widths(H3DEArch(), (32, 64, 128, 256)),
-}
-
 #: Synthetic cases are generated at this multiple of the crop, then zoomed into it.
 NATIVE_SCALE = 1.25
-
-LANDMARK_MODELS: Registry[Callable[[Widths, int], LandmarkNet]] = Registry("h3denet model")
-
-
-@LANDMARK_MODELS.register("h3denet")
-def _h3denet(w: Widths, num_landmarks: int) -> LandmarkNet:
-    backbone = H3DEBackbone(w.h3de)
-    return LandmarkNet(backbone, AnchorHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
-
-
-@LANDMARK_MODELS.register("h3denet_heatmap")
-def _h3denet_heatmap(w: Widths, num_landmarks: int) -> LandmarkNet:
-    backbone = H3DEBackbone(w.h3de)
-    return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
-
-
-@LANDMARK_MODELS.register("unet3d")
-def _unet3d(w: Widths, num_landmarks: int) -> LandmarkNet:
-    backbone = UNet3DBackbone(w.unet)
-    return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
-
 
 @dataclass(frozen=True)
 class H3DENetOptions:
@@ -230,12 +194,9 @@ class H3DENetTask(Task):
     cme_layers = ("head.conv.weight",)
     options_type = H3DENetOptions
 
-    def model_choices(self) -> list[str]:
-        return LANDMARK_MODELS.names()
-
     def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
         opts: H3DENetOptions = self.options(cfg)
-        return LANDMARK_MODELS.get(name)(WIDTHS.get(cfg.profile, WIDTHS["paper"]), opts.num_landmarks)
+        return build_model(name, size=cfg.profile, num_landmarks=opts.num_landmarks)
 
     def check_data(self, cfg: ResolvedConfig) -> list[int]:
         if cfg.image_size % 64:
@@ -400,4 +361,4 @@ class H3DENetTask(Task):
         return paths
 
 
-__all__ = ["LANDMARK_MODELS", "PROFILES", "WIDTHS", "H3DENetOptions", "H3DENetTask", "crop_shape", "make_split"]
+__all__ = ["PROFILES", "H3DENetOptions", "H3DENetTask", "crop_shape", "make_split"]

@@ -1,4 +1,4 @@
-# One-command setup + main job (`make run`) and setup + tests (`make test`).
+# One-command setup + main job (`make run`) and setup + lint + tests (`make test`).
 # Creates .venv and installs PyTorch from this machine's local wheels (see README), then fedsim.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,7 @@ else
 TORCH  := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: setup run test bench clean
+.PHONY: setup run lint test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/fedsim run --scenario 1 --profile quick
 
-test: setup
+# ruff (rules in pyproject.toml) and mypy (fedsim/ fully annotated; benchmarks/ checked too)
+lint: setup
+	$(VENV)/bin/ruff check fedsim tests benchmarks
+	$(VENV)/bin/mypy fedsim benchmarks
+
+test: lint
 	$(VENV)/bin/python -m pytest
 
 bench: setup

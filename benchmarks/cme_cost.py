@@ -23,17 +23,17 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedsim.clients.tasks import get_task
 from fedsim.callbacks import TrainCallback, TrainInfo
+from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.cme import CMERecorder, CMESettings, encode
-from fedsim.config import RunConfig
-from fedsim.clients.tasks import resolve_config
+from fedsim.config import ResolvedConfig, RunConfig
 
 
 class Timed(TrainCallback):
@@ -42,7 +42,7 @@ class Timed(TrainCallback):
     def __init__(self, inner: TrainCallback) -> None:
         self.inner, self.seconds = inner, 0.0
 
-    def _time(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _time(self, fn: Callable[..., None], *args: Any) -> None:
         t = time.perf_counter()
         fn(*args)
         self.seconds += time.perf_counter() - t
@@ -57,27 +57,29 @@ class Timed(TrainCallback):
         self._time(self.inner.on_train_end, model, info)
 
 
-def settings(cfg: RunConfig) -> CMESettings:
+def settings(cfg: ResolvedConfig) -> CMESettings:
     return CMESettings(cfg.cme_layers or get_task(cfg.task).cme_layers, cfg.cme_threshold, cfg.cme_max_size, cfg.cme_biases, cfg.seed)
 
 
-def time_client(cfg: RunConfig, pid: int, dev: torch.device) -> dict[str, float]:
+def time_client(cfg: ResolvedConfig, pid: int, dev: torch.device) -> dict[str, float]:
     task = get_task(cfg.task)
     out: dict[str, float] = {}
     for mode in ("plain", "cme"):
         torch.manual_seed(cfg.seed * 1000 + pid)
         model = task.build_model(cfg.model_for(pid), cfg)
-        cbs: list[TrainCallback] = [Timed(CMERecorder(settings(cfg)))] if mode == "cme" else []
+        recorder = CMERecorder(settings(cfg)) if mode == "cme" else None
+        timed = Timed(recorder) if recorder is not None else None
         t = time.perf_counter()
-        task.train(model, cfg, pid, 1, dev, callbacks=cbs)
+        task.train(model, cfg, pid, 1, dev, callbacks=[timed] if timed is not None else [])
         out[mode] = time.perf_counter() - t
-        if cbs:
-            out["recorder"] = cbs[0].seconds  # type: ignore[attr-defined]
-            out["payload_bytes"] = len(encode(cbs[0].inner.result, pid, 1, cfg.model_for(pid)))  # type: ignore[attr-defined]
+        if recorder is not None and timed is not None:
+            assert recorder.result is not None
+            out["recorder"] = timed.seconds
+            out["payload_bytes"] = len(encode(recorder.result, pid, 1, cfg.model_for(pid)))
     return out
 
 
-def payload_size(cfg: RunConfig, pid: int, epochs: int) -> int:
+def payload_size(cfg: ResolvedConfig, pid: int, epochs: int) -> int:
     """Archive bytes of one client-round with ``epochs`` local epochs (synthetic weight updates)."""
     task = get_task(cfg.task)
     torch.manual_seed(pid)

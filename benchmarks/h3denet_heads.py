@@ -40,17 +40,18 @@ def voxel_errors(run: Path, model: str) -> dict[str, list[float]]:
     import torch
 
     from fedsim.clients.tasks import get_task
-    from fedsim.clients.tasks.h3denet import _incomplete, make_split
-    from fedsim.config import RunConfig
+    from fedsim.clients.tasks.h3denet import H3DENetTask
+    from fedsim.config import ResolvedConfig
     from fedsim.rundir import RunDir
 
     rd = RunDir(run)
-    cfg = RunConfig.from_json_dict(rd.read_config())
+    cfg = ResolvedConfig.from_json_dict(rd.read_config())
     task = get_task("h3denet")
+    assert isinstance(task, H3DENetTask)
     net = task.build_model(model, cfg)
     net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in rd.load_params().items()}, strict=False)
-    idx = make_split(cfg, _incomplete(cfg, cfg.data_dir)).global_test
-    prepared, pred, _ = task.predict(net, task.cases(cfg, idx), cfg, torch.device("cpu"))  # type: ignore[attr-defined]
+    _, idx = task.global_test(cfg)
+    prepared, pred, _ = task.predict(net, task.cases(cfg, idx), cfg, torch.device("cpu"))
     err = np.abs(pred - np.stack([p.landmarks for p in prepared]))
     return {
         "mean_abs_error_voxels_xyz": [round(float(v), 3) for v in np.nanmean(err, (0, 1))],

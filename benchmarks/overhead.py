@@ -24,17 +24,16 @@ import numpy as np
 import torch
 
 from fedsim._logging import enable_console_logging
-from fedsim.clients.tasks import get_task
-from fedsim.clients.tasks.brain_mri import _cohort
 from fedsim.callbacks import ProgressLogger
-from fedsim.config import RunConfig
-from fedsim.clients.tasks import resolve_config
+from fedsim.clients.tasks import get_task, resolve_config
+from fedsim.clients.tasks.brain_mri import _cohort
+from fedsim.config import ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
 from fedsim.rundir import RunDir
 from fedsim.simulation import run_simulation
 
 
-def plain_loop(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def plain_loop(cfg: ResolvedConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """The same federation as fedsim's equal_avg run, as a sequential PyTorch loop that keeps
     every client's model in memory.
 

@@ -23,9 +23,12 @@ import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from fedsim.registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
 
 class ConfigError(ValueError):
@@ -162,7 +165,7 @@ class RunConfig:
         return self.client_models()[partition_id % self.clients]
 
     # ------------------------------------------------------------------ Flower mapping
-    def to_flower(self) -> dict[str, bool | int | float | str | list[float] | list[str]]:
+    def to_flower(self) -> dict[str, ConfigRecordValues]:
         """Flat kebab-case mapping for Flower ``run_config`` / ``ConfigRecord`` (``None`` omitted)."""
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -270,7 +273,9 @@ def parse_options(options_type: type[T] | None, pairs: Sequence[tuple[str, Any]]
         if pairs:
             raise ConfigError(f"{kind} {owner!r} takes no --{kind}-option; got {', '.join(k for k, _ in pairs)}")
         return None
-    known = [f.name for f in fields(options_type)]  # type: ignore[arg-type]
+    if not dataclasses.is_dataclass(options_type):
+        raise TypeError(f"options_type of {kind} {owner!r} must be a dataclass, got {options_type!r}")
+    known = [f.name for f in fields(options_type)]
     hints = typing.get_type_hints(options_type)
     kwargs: dict[str, Any] = {}
     for key, value in pairs:

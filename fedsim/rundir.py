@@ -96,7 +96,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete line of ``metrics.jsonl`` (a torn last line is ignored)."""
-        out = []
+        out: list[dict[str, Any]] = []
         path = self.path / METRICS_FILE
         if not path.exists():
             return out

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 from fedsim._logging import logger
 from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
-def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, float | int | bool | str]]:
+
+def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValues]]:
     """Ray backend settings: per-client CPUs/GPUs from the config; no dashboard."""
     return {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
@@ -42,5 +46,5 @@ def run_simulation(cfg: RunConfig) -> None:
             server_app=make_server_app(cfg),
             client_app=client_app,
             num_supernodes=cfg.clients,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
         )

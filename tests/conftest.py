@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.config import RunConfig
 from fedsim.clients.tasks import resolve_config
+from fedsim.config import RunConfig
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 
-from fedsim.config import SCENARIOS, ConfigError, ResolvedConfig, RunConfig
 from fedsim.clients.tasks import resolve_config
+from fedsim.config import SCENARIOS, ConfigError, ResolvedConfig, RunConfig
 from fedsim.registry import UnknownNameError
 
 
@@ -30,7 +30,7 @@ def test_scenarios_match_table_1():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"rounds": 0}, "rounds must be a whole number >= 1, got 0"),
         ({"clients": -2}, "clients must be a whole number >= 1"),
@@ -48,7 +48,7 @@ def test_invalid_numbers_are_refused(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"profile": "huge"}, "unknown profile 'huge'; valid choices: tiny, quick, paper"),
         ({"strategy": "fedfoo"}, "unknown strategy 'fedfoo'; valid choices: equal_avg, fedadam, fedavg, fedprox"),

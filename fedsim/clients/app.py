@@ -24,15 +24,15 @@ optionally ``data-dir``, a node-local image folder that then replaces the shared
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim._logging import enable_console_logging
-from fedsim.clients.tasks import get_task
 from fedsim.callbacks import ProgressLogger, TrainCallback
+from fedsim.clients.tasks import get_task
 from fedsim.cme import CMESettings, encode
-from fedsim.cme.recorder import CMERecorder
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
+from fedsim.cme.recorder import CMERecorder
 from fedsim.config import ConfigError, ResolvedConfig
 
 STATE_KEY = "fedsim.model"
@@ -57,6 +57,14 @@ def node_identity(context: Context, cfg: ResolvedConfig) -> tuple[int, str | Non
     return pid, data_dir
 
 
+def _config_number(config: ConfigRecord, key: str, default: float) -> float:
+    """A numeric entry of the message's ``config`` record (``server-round``, ``proximal-mu``)."""
+    value = config.get(key, default)
+    if not isinstance(value, int | float):
+        raise TypeError(f"config entry {key!r} must be a number, got {value!r}")
+    return value
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -64,15 +72,15 @@ def device() -> torch.device:
 def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
     """Config, identity, the model (private state + received shared arrays) and those arrays."""
     enable_console_logging()
-    cfg = ResolvedConfig.from_flower(msg.content["config"], ignore=FLOWER_CONFIG_KEYS)
+    cfg = ResolvedConfig.from_flower(msg.content.config_records["config"], ignore=FLOWER_CONFIG_KEYS)
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
-    incoming = msg.content["arrays"].to_torch_state_dict()
+    incoming: dict[str, torch.Tensor] = msg.content.array_records["arrays"].to_torch_state_dict()
     if STATE_KEY in context.state:  # later rounds: private tensors + received ones, no random init
         with torch.device("meta"):
             model = task.build_model(cfg.model_for(pid), cfg)
         incoming = _conform(model, incoming, pid, cfg)
-        full = {**context.state[STATE_KEY].to_torch_state_dict(), **incoming}
+        full = {**context.state.array_records[STATE_KEY].to_torch_state_dict(), **incoming}
         model.load_state_dict(full, assign=True)
     else:  # first round: private initialisation, reproducible per client
         torch.manual_seed(cfg.seed * 1000 + pid)
@@ -96,8 +104,9 @@ def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir, model, shared = _prepare(msg, context)
     task = get_task(cfg.task)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx only
+    config = msg.content.config_records["config"]
+    server_round = int(_config_number(config, "server-round", 0))
+    mu = float(_config_number(config, "proximal-mu", 0.0))  # set by Flower's FedProx only
     # the received tensors became the model's own (assign=True): copy them before training moves them
     anchor = {k: v.detach().clone() for k, v in shared.items()} if mu > 0 else None
     callbacks: list[TrainCallback] = [ProgressLogger()]
@@ -113,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
     context.state[STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in shared})
     reply_arrays = ArrayRecord({k: state[k] for k in shared})
-    metrics = {"num-examples": result.num_examples, "partition-id": pid}
+    metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
     content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
     if cme is not None:
@@ -134,6 +143,6 @@ def cme_settings(cfg: ResolvedConfig) -> CMESettings:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir, model, _ = _prepare(msg, context)
     result = get_task(cfg.task).evaluate_local(model, cfg, pid, device(), data_dir=data_dir)
-    metrics = {"num-examples": result.num_examples, "partition-id": pid}
+    metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

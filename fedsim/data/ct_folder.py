@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.data.folder import DataLayoutError
-
 from fedsim.data.synthetic_ct import CTCase
 
 VOLUME_SUFFIX, LABEL_SUFFIX, SPACING_SUFFIX = "_volume.nrrd", "_label.npy", "_spacing.npy"

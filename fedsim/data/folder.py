@@ -83,7 +83,7 @@ def load_images(files: FileList, image_size: int) -> np.ndarray:
     for i, path in enumerate(files.paths):
         try:
             with Image.open(path) as im:
-                out[i] = np.asarray(im.convert("L").resize((image_size, image_size), Image.BILINEAR))
+                out[i] = np.asarray(im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}; fix or remove the file") from exc
     return out

@@ -45,7 +45,8 @@ class PreparedCase:
 
 def zoomed_size(crop: tuple[int, int, int], zoom: float) -> tuple[int, int, int]:
     """The resampled volume's size ``n_i = max(1, round(zoom * crop_i))`` (Python's round)."""
-    return tuple(max(1, round(zoom * c)) for c in crop)  # type: ignore[return-value]
+    x, y, z = (max(1, round(zoom * c)) for c in crop)
+    return x, y, z
 
 
 def _check(volume: np.ndarray, landmarks: np.ndarray, spacing: np.ndarray, crop: tuple[int, int, int], zoom: float) -> None:
@@ -84,7 +85,7 @@ def prepare_case(
     the module docstring); random placement with ``rng``, centred without (deterministic)."""
     volume, spacing = np.asarray(volume), np.asarray(spacing, dtype=np.float64)
     landmarks = np.asarray(landmarks, dtype=np.float64)
-    crop = tuple(crop)  # type: ignore[assignment]
+    crop = (*crop,)  # a tuple even if a list was passed
     _check(volume, landmarks, spacing, crop, zoom)
     shape = np.asarray(volume.shape, dtype=np.float64)
     size = zoomed_size(crop, zoom)

@@ -240,8 +240,11 @@ def _anatomy(p: _P, pj: _P, missing: Sequence[int], lms: np.ndarray) -> dict[str
     e_t = np.array([0.0, e_s[2], -e_s[1]])  # anterior, in the sagittal plane
     c = [float(v) for v in g + 0.5 * length * e_s + 0.5 * _RAMUS_W * e_t]
     # ramus-local coordinates: across (x), along the posterior border (e_s), forward (e_t)
-    local = (pjm[0] - c[0], *(sum((pjm[i] - c[i]) * float(e[i]) for i in (1, 2)) for e in (e_s, e_t)))
-    jaw = mn(jaw, _box(local, (4.0, 0.5 * length, 0.5 * _RAMUS_W)))  # type: ignore[arg-type]
+    def along(e: np.ndarray) -> np.ndarray:
+        return (pjm[1] - c[1]) * float(e[1]) + (pjm[2] - c[2]) * float(e[2])
+
+    local = (pjm[0] - c[0], along(e_s), along(e_t))
+    jaw = mn(jaw, _box(local, (4.0, 0.5 * length, 0.5 * _RAMUS_W)))
     jaw = mn(jaw, _ellipsoid(pjm, (48.0, 4.0, -50.0), (10.0, 6.0, 6.0)))
     jaw = mn(jaw, _capsule(pjm, (48.0, 26.0, -60.0), (48.0, 31.0, -50.0), 4.0))
     bone = mn(bone, jaw)
@@ -304,10 +307,16 @@ class _Geometry:
     origin: np.ndarray
 
 
+def _grid_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``shape`` as three Python ints (NumPy integers accepted), each at least 8."""
+    s = tuple(int(v) for v in shape)
+    if len(s) != 3 or min(s) < 8:
+        raise ValueError(f"shape must be three sizes >= 8 (X, Y, Z), got {s}")
+    return s[0], s[1], s[2]
+
+
 def _geometry(index: int, shape: tuple[int, int, int], seed: int) -> tuple[_Geometry, np.random.Generator]:
     """Draw case ``index``'s geometry; returns the generator to draw the rest of the case from."""
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three sizes >= 8 (X, Y, Z), got {shape}")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng([seed, int(index), 0xC7])
@@ -331,7 +340,7 @@ def _geometry(index: int, shape: tuple[int, int, int], seed: int) -> tuple[_Geom
 def landmark_positions(index: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
     """Voxel coordinates ``(L, 3)`` of all landmarks of case ``index``, *including* the missing
     ones (where they would be had the bone not been removed); cheap, nothing is rendered."""
-    geo, _ = _geometry(index, tuple(int(v) for v in shape), seed)  # type: ignore[arg-type]
+    geo, _ = _geometry(index, _grid_shape(shape), seed)
     return (geo.nominal @ geo.m.T - geo.origin) / geo.spacing
 
 
@@ -339,7 +348,7 @@ def generate_case(index: int, shape: tuple[int, int, int], seed: int) -> CTCase:
     """Synthetic case ``index`` of the cohort ``seed`` on a grid ``shape`` = (X, Y, Z); a pure
     function of its arguments (subject, pose and intensities do not depend on ``shape``; the
     spacing does: the landmark region fills the field of view)."""
-    shape = tuple(int(v) for v in shape)  # type: ignore[assignment]
+    shape = _grid_shape(shape)
     geo, rng = _geometry(index, shape, seed)
     spacing, origin, m = geo.spacing, geo.origin, geo.m
     missing = missing_landmarks(index, seed)
@@ -357,11 +366,11 @@ def generate_case(index: int, shape: tuple[int, int, int], seed: int) -> CTCase:
     bshape = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
 
     def frame(a: np.ndarray, shift: np.ndarray) -> _P:
-        out = []
+        out: list[np.ndarray] = []
         for row, b in zip(a, shift, strict=True):
             terms = [(row[i] * axes[i]).astype(np.float32).reshape(bshape[i]) for i in range(3)]
             out.append(terms[0] + terms[1] + np.float32(b) + terms[2])
-        return tuple(out)  # type: ignore[return-value]
+        return out[0], out[1], out[2]
 
     p = frame(inv, np.zeros(3))
     piv = np.asarray(_PIVOT)

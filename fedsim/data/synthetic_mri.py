@@ -143,7 +143,7 @@ def apply_site_style(images: np.ndarray, site: int, seed: int) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     if p["blur"]:
         pad = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        x = sum(pad[:, i : i + x.shape[1], j : j + x.shape[2]] for i in range(3) for j in range(3)) / 9.0
+        x = sum((pad[:, i : i + x.shape[1], j : j + x.shape[2]] for i in range(3) for j in range(3)), np.zeros_like(x)) / 9.0
     x = np.clip(x * p["scale"], 0, 1) ** p["gamma"]
     rng = np.random.default_rng([seed, site, 15485863])
     x = x + rng.normal(0, p["noise"], size=x.shape) if p["noise"] > 0 else x

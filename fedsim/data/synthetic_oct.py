@@ -132,7 +132,7 @@ def synth_volume(
     if anatomy is not None:
         anatomy.update(
             rnfl=thick_arr[0, :, 0, :], surface=np.broadcast_to(surface, (d, 1, w))[:, 0, :], cdr=cdr,
-            disc=(int(round((disc_y + 1) / 2 * (d - 1))), int(round(disc_x * (w - 1)))),
+            disc=(round((disc_y + 1) / 2 * (d - 1)), round(disc_x * (w - 1))),
         )  # fmt: skip
     if noise:  # speckle, noise and per-scan brightness
         vol = vol * rng.gamma(8.0, 1.0 / 8.0, size=vol.shape) + rng.normal(0, 0.03, size=vol.shape)
@@ -241,7 +241,7 @@ def load_volumes(files: VolumeFiles, shape: tuple[int, int, int]) -> np.ndarray:
     out = np.empty((len(files.paths), *shape), dtype=np.uint8)
     for i, p in enumerate(files.paths):
         v = np.asarray(np.load(p), dtype=np.float32)
-        v = v.reshape(v.shape[-3:])
+        v = v.reshape(*v.shape[-3:])  # (1, D, H, W) -> (D, H, W)
         if not np.isfinite(v).all():
             raise OCTDataError(f"{p} contains NaN or infinite values")
         if v.shape != shape:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +28,8 @@ from fedsim.cme import CMEArchiveWriter
 from fedsim.cme.recorder import matching_layers, recorded_parameters
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
-from fedsim.server.recorder import RoundRecorder
 from fedsim.rundir import RunDir, default_out_dir
+from fedsim.server.recorder import RoundRecorder, scalar
 from fedsim.strategies import StrategyHooks, build_strategy
 
 
@@ -110,7 +109,7 @@ def _partition_of(msg: Message) -> tuple[int, int]:
         return (1, 0)
     records = msg.content.metric_records
     m = next(iter(records.values())) if records else {}
-    return (0, int(m.get("partition-id", 0)))
+    return (0, int(scalar(m.get("partition-id", 0))))
 
 
 def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:

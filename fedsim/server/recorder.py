@@ -7,10 +7,10 @@ every client's reply) and into ``evaluate_fn``, which Flower calls at the end of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedsim._logging import logger
@@ -27,6 +27,18 @@ def _field(key: str) -> str | None:
 
 def _metrics(rd: RecordDict) -> MetricRecord:
     return next(iter(rd.metric_records.values()))
+
+
+def scalar(value: MetricRecordValues) -> int | float:
+    """One metric value as a number (Flower's records also hold lists, which fedsim never sends)."""
+    if isinstance(value, list):
+        raise TypeError(f"expected a number, got the list {value}")
+    return value
+
+
+def _record(m: Mapping[str, float]) -> MetricRecord:
+    values: dict[str, MetricRecordValues] = dict(m)
+    return MetricRecord(values)
 
 
 class RoundRecorder:
@@ -47,7 +59,7 @@ class RoundRecorder:
     def _collect(self, store: dict[int, dict[str, Any]], records: list[RecordDict], key: str) -> MetricRecord:
         for rd in records:
             m = _metrics(rd)
-            pid = int(m["partition-id"])
+            pid = int(scalar(m["partition-id"]))
             store[pid] = {k: m[k] for k in m if k != "partition-id"}
         agg = aggregate_metricrecords(records, key)
         if "partition-id" in agg:
@@ -66,7 +78,7 @@ class RoundRecorder:
         if server_round == 0:
             if glob:
                 logger.info("initial global model: %s", _fmt(glob))
-            return MetricRecord(glob) if glob else None
+            return _record(glob) if glob else None
         clients = []
         for pid in sorted(set(self._train) | set(self._eval)):
             tr, ev = self._train.get(pid, {}), self._eval.get(pid, {})
@@ -74,7 +86,7 @@ class RoundRecorder:
             row["num_examples"] = int(tr.get("num-examples", 0))
             row["num_test_examples"] = int(ev.get("num-examples", 0))
             for src in (tr, ev):
-                row.update({_field(k): float(v) for k, v in src.items() if _field(k)})
+                row.update({name: float(v) for k, v in src.items() if (name := _field(k))})
             clients.append(row)
             logger.info(
                 "round %d client %d (%s): %s", server_round, pid, row["model"],
@@ -85,7 +97,7 @@ class RoundRecorder:
         self.run_dir.append_metrics({"round": server_round, "clients": clients, "global": _strip(glob)})
         self._train.clear()
         self._eval.clear()
-        return MetricRecord(glob) if glob else None
+        return _record(glob) if glob else None
 
 
 def _strip(m: dict[str, float] | None) -> dict[str, float] | None:

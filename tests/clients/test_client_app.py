@@ -91,7 +91,7 @@ def test_missing_partition_id_is_a_clear_error(tiny_cfg):
     with pytest.raises(ConfigError, match="--node-config 'partition-id=0 num-partitions=3'"):
         client_app.train(_message(tiny_cfg, HEAD_KEYS), ctx)
     bad = Context(run_id=1, node_id=5, node_config={"partition-id": 7}, state=RecordDict(), run_config={})
-    with pytest.raises(ConfigError, match="partition-id 7 is outside 0..2"):
+    with pytest.raises(ConfigError, match=r"partition-id 7 is outside 0\.\.2"):
         client_app.train(_message(tiny_cfg, HEAD_KEYS), bad)
 
 

@@ -81,10 +81,10 @@ def test_scan_errors_name_the_layout_and_missing_file(tmp_path):
     _write(tmp_path, "a")
     assert scan_ct_folder(tmp_path) == ["a", "b"]
     (tmp_path / "b_label.npy").unlink()
-    with pytest.raises(CTDataError, match="b_label.npy"):
+    with pytest.raises(CTDataError, match=r"b_label\.npy"):
         scan_ct_folder(tmp_path)
     (tmp_path / "a_spacing.npy").unlink()
-    with pytest.raises(CTDataError, match="a_spacing.npy"):
+    with pytest.raises(CTDataError, match=r"a_spacing\.npy"):
         load_ct_case(tmp_path, "a")
 
 
@@ -118,16 +118,16 @@ def test_bad_volumes(tmp_path):
     bad = np.zeros(SHAPE, np.float32)
     bad[1, 2, 3] = np.nan
     nrrd.write(str(path), bad, index_order="F")
-    with pytest.raises(CTDataError, match="c1_volume.nrrd holds NaN"):
+    with pytest.raises(CTDataError, match=r"c1_volume\.nrrd holds NaN"):
         load_ct_case(tmp_path, "c1")
     path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 12 10 8\nencoding: gzip\n\n\x1f\x8b garbage")
-    with pytest.raises(CTDataError, match="cannot read .*c1_volume.nrrd as an NRRD volume"):
+    with pytest.raises(CTDataError, match=r"cannot read .*c1_volume\.nrrd as an NRRD volume"):
         load_ct_case(tmp_path, "c1")
     path.write_bytes(b"not an nrrd file at all")
-    with pytest.raises(CTDataError, match="cannot read .*c1_volume.nrrd as an NRRD volume"):
+    with pytest.raises(CTDataError, match=r"cannot read .*c1_volume\.nrrd as an NRRD volume"):
         load_ct_case(tmp_path, "c1")
     (tmp_path / "c1_label.npy").write_bytes(b"corrupt")
-    with pytest.raises(CTDataError, match="cannot read landmark label file .*c1_label.npy"):
+    with pytest.raises(CTDataError, match=r"cannot read landmark label file .*c1_label\.npy"):
         load_ct_labels(tmp_path, "c1")
 
 

@@ -51,12 +51,12 @@ def test_wrong_layout_names_the_expected_one(tmp_path):
     with pytest.raises(DataLayoutError, match="does not exist"):
         scan_image_folder(tmp_path / "missing")
     (tmp_path / "second").mkdir()
-    with pytest.raises(DataLayoutError, match="only_one_class, second under .* hold no images"):
+    with pytest.raises(DataLayoutError, match=r"only_one_class, second under .* hold no images"):
         scan_image_folder(tmp_path)
 
 
 def test_unreadable_image_names_the_file(kaggle_dir):
     bad = kaggle_dir / "Training" / "no_tumor" / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
         load_images(scan_image_folder(kaggle_dir), 16)

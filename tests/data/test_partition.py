@@ -6,15 +6,15 @@ from fedsim.data.partition import PartitionParams, list_partitioners, partition,
 LABELS = np.arange(200) % 4
 
 
-@pytest.mark.parametrize("name, params", [("iid", None), ("dirichlet", PartitionParams(alpha=0.3)), ("sizes", PartitionParams(fractions=(0.5, 0.3, 0.2)))])
+@pytest.mark.parametrize(("name", "params"), [("iid", None), ("dirichlet", PartitionParams(alpha=0.3)), ("sizes", PartitionParams(fractions=(0.5, 0.3, 0.2)))])
 def test_disjoint_complete_and_seeded(name, params):
     parts = partition(name, LABELS, 3, seed=7, params=params)
     allidx = np.concatenate(parts)
     assert len(allidx) == len(LABELS) and set(allidx) == set(range(len(LABELS)))  # complete and disjoint
     again = partition(name, LABELS, 3, seed=7, params=params)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     other = partition(name, LABELS, 3, seed=8, params=params)
-    assert any(not np.array_equal(a, b) for a, b in zip(parts, other))
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
 
 
 def test_identical_gives_everyone_everything():
@@ -42,7 +42,7 @@ def test_dirichlet_small_alpha_skews_labels():
 
 
 @pytest.mark.parametrize(
-    "name, n, params, message",
+    ("name", "n", "params", "message"),
     [
         ("iid", 300, None, "cannot split 200 samples among 300 clients"),
         ("dirichlet", 3, PartitionParams(alpha=0), "alpha must be > 0"),

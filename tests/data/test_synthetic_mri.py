@@ -50,7 +50,7 @@ def test_site_styles_differ_and_are_deterministic():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="label must be in 0..3"):
+    with pytest.raises(ValueError, match=r"label must be in 0\.\.3"):
         render_image(0, 0, 4, 32)
     with pytest.raises(ValueError, match="image_size must be >= 16"):
         generate_cohort(4, 8, seed=0)

@@ -61,7 +61,7 @@ def test_glaucoma_anatomy_thinner_rnfl_larger_cup_asymmetry(seed):
 
 def test_layers_rnfl_is_bright_and_fovea_on_the_macula_half():
     (v0, a0), _ = _pair(7)
-    d, h, w = SHAPE
+    d, _h, w = SHAPE
     # an A-scan on the macula half away from the fovea: just below the surface it is bright (RNFL)
     # and darker above (vitreous)
     j = 2
@@ -103,18 +103,18 @@ def test_loader_errors_name_the_bad_files(tmp_path):
         scan_oct_folder(tmp_path)
     (tmp_path / "glaucoma" / "flat.npy").unlink()
     (tmp_path / "glaucoma" / "broken.npy").write_bytes(b"not a numpy file")
-    with pytest.raises(OCTDataError, match="broken.npy"):
+    with pytest.raises(OCTDataError, match=r"broken\.npy"):
         scan_oct_folder(tmp_path)
     (tmp_path / "glaucoma" / "broken.npy").unlink()
     _write(tmp_path / "glaucoma" / "nan.npy", np.full((4, 6, 4), np.nan))
-    with pytest.raises(OCTDataError, match="nan.npy contains NaN"):
+    with pytest.raises(OCTDataError, match=r"nan\.npy contains NaN"):
         load_volumes(scan_oct_folder(tmp_path), (4, 6, 4))
 
 
 def test_loader_layout_errors(tmp_path):
     with pytest.raises(OCTDataError, match="does not exist"):
         scan_oct_folder(tmp_path / "missing")
-    with pytest.raises(OCTDataError, match="no .npy volumes"):
+    with pytest.raises(OCTDataError, match=r"no \.npy volumes"):
         scan_oct_folder(tmp_path)
     _write(tmp_path / "normal" / "a.npy", np.zeros((4, 6, 4)))
     with pytest.raises(OCTDataError, match="only class 'normal'"):
@@ -123,5 +123,5 @@ def test_loader_layout_errors(tmp_path):
     with pytest.raises(OCTDataError, match="unknown class 'sick'"):
         scan_oct_folder(tmp_path)
     (tmp_path / "labels.csv").write_text("file,label\nnormal/a.npy,0\nnope.npy,1\n")
-    with pytest.raises(OCTDataError, match="do not exist: nope.npy"):
+    with pytest.raises(OCTDataError, match=r"do not exist: nope\.npy"):
         scan_oct_folder(tmp_path)

@@ -27,7 +27,7 @@ EXPECTED_MODELS = {
 
 def fedsim(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, check=False, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -59,7 +59,7 @@ def test_scenario1_with_cme_then_analyze(tmp_path):
     proc = fedsim("analyze", str(out), cwd=tmp_path)
     summary = json.loads((out / "analysis" / "summary.json").read_text())
     assert [c["client"] for c in summary["clients"]] == [0, 1, 2]
-    for c, row in zip(summary["clients"], rows[-1]["clients"]):
+    for c, row in zip(summary["clients"], rows[-1]["clients"], strict=True):
         assert c["label"].startswith(("dominant", "still learning")) and c["acf_variation"] >= 0
         assert c["saturation_round"] in (None, 1, 2, 3) and c["final_test_accuracy"] == row["test_accuracy"]
         assert (out / "analysis" / f"client{c['client']}_cme.png").stat().st_size > 10_000
@@ -128,7 +128,7 @@ def test_real_image_folder(tmp_path):
 def test_bad_input_fails_before_any_work(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim.cli", "run", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=tmp_path,
+        check=False, capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "expected either the Kaggle layout" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
+from fedsim.rundir import RunDir
 from fedsim.server.app import ClientFailedError, NodeTimeoutError, OrderedGrid, wait_for_nodes
 from fedsim.server.recorder import RoundRecorder
-from fedsim.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -46,7 +46,7 @@ def test_ordered_grid_sorts_by_partition_and_delegates():
 def test_ordered_grid_stops_on_client_error():
     failed = Message(Error(code=0, reason="cannot read image /data/x.jpg"), reply_to=_reply(1))
     grid = OrderedGrid(FakeGrid([1], [_reply(0, **{"num-examples": 1}), failed]))
-    with pytest.raises(ClientFailedError, match="1 of 2 clients failed: node .*cannot read image /data/x.jpg"):
+    with pytest.raises(ClientFailedError, match=r"1 of 2 clients failed: node .*cannot read image /data/x\.jpg"):
         grid.send_and_receive([])
 
 

@@ -5,8 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from fedsim.config import RunConfig
-from fedsim.config import ConfigError
+from fedsim.config import ConfigError, RunConfig
 from fedsim.strategies import EqualWeightFedAvg, StrategyHooks, build_strategy, list_strategies
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -44,7 +44,7 @@ def test_bad_specs_name_the_problem(text, message):
 
 
 def test_client_range_and_duplicates_are_checked():
-    with pytest.raises(FaultSpecError, match="names client 3, but the run has clients 0..2"):
+    with pytest.raises(FaultSpecError, match=r"names client 3, but the run has clients 0\.\.2"):
         parse_faults(["3:lazy"], 3)
     with pytest.raises(FaultSpecError, match="client 1 has fault 'lazy' twice"):
         parse_faults(["1:lazy:0.1", "1:lazy:0.2"], 3)

@@ -145,8 +145,11 @@ class RunConfig:
             raise ConfigError(f"models lists {len(self.models)} models for {self.clients} clients; give one per client")
         if self.fractions and len(self.fractions) != self.clients:
             raise ConfigError(f"fractions lists {len(self.fractions)} values for {self.clients} clients; give one per client")
-        if not (math.isfinite(self.cme_threshold) and self.cme_threshold >= 0):
-            raise ConfigError(f"cme_threshold must be a number >= 0, got {self.cme_threshold}")
+        if not (math.isfinite(self.cme_threshold) and 0 < self.cme_threshold < 1):
+            raise ConfigError(
+                f"--cme-threshold (run-config key cme-threshold) must be in the range 0 < threshold < 1 "
+                f"(default 1e-3), got {self.cme_threshold}: eq. 2 divides by the weight, so weights at or near 0 must be masked"
+            )
         _positive_int("cme_max_size", self.cme_max_size)
         if self.cme_max_size < 2:
             raise ConfigError(f"cme_max_size must be >= 2 (a covariance needs two rows), got {self.cme_max_size}")

@@ -19,7 +19,7 @@ from fedsim.cme.archive import (
     decode,
     encode,
 )
-from fedsim.cme.schema import FIELD, STAT_FIELDS, CMESettings, EpochCME
+from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS, LAG_GROUPS, STAT_FIELDS, CMESettings, EpochCME
 
 _LAZY = {"CMERecorder", "as_jacobian"}
 
@@ -34,6 +34,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "FIELD",
+    "LAG_GROUPS",
+    "LAG_GROUP_FIELDS",
     "STAT_FIELDS",
     "CMEArchive",
     "CMEArchiveError",

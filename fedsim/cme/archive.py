@@ -12,8 +12,15 @@ aggregate only a reply's ArrayRecord and MetricRecord, so every one of them work
     index.json                         every (client, round) entry: file, size, sha256, model,
                                        epochs, layers (in model order), matrix layers
     client<k>/round<r>.safetensors     tensors  stats/<layer>  (epochs, fields) float64
-                                                matrix/<layer> (epochs, rows, cols) float32
+                                                lag/<layer>    (epochs, groups, 4) float32
+                                                matrix/<layer> (epochs, rows, cols) float32,
+                                                               NaN where not valid
                                                 rows/<layer>, cols/<layer>  kept indices
+
+Format ``fedsim-cme/2`` (this version) excludes masked, dead and non-finite elements from the
+statistics and stores them as NaN in the matrices; ``fedsim-cme/1`` archives (masked elements
+stored as 0 and counted in the statistics, no dead-unit or non-finite statistics) are refused with
+an error that says so.
 
 A round file is written atomically (temp file, fsync, rename) *before* the index is rewritten the
 same way, so a crash leaves either the old index (the new file is ignored) or the new one; a
@@ -33,10 +40,14 @@ from typing import Any
 import numpy as np
 
 from fedsim._logging import logger
-from fedsim.cme.schema import FIELD, STAT_FIELDS, EpochCME
+from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS, LAG_GROUPS, STAT_FIELDS, EpochCME
 from fedsim.rundir import atomic_write_bytes
 
-FORMAT = "fedsim-cme/1"
+FORMAT = "fedsim-cme/2"
+#: Formats this version cannot read, and why.
+OLD_FORMATS = {
+    "fedsim-cme/1": "it stores masked weights as 0 inside the statistics and has no dead-unit or non-finite statistics",
+}
 CME_DIR = "cme"
 INDEX_FILE = "index.json"
 RECORD_KEY = "cme"
@@ -57,6 +68,8 @@ def encode(cme: EpochCME, client: int, server_round: int, model: str) -> bytes:
     tensors: dict[str, np.ndarray] = {}
     for name in cme.layers:
         tensors[f"stats/{name}"] = np.ascontiguousarray(cme.stats[name])
+        if name in cme.lag_groups:
+            tensors[f"lag/{name}"] = np.ascontiguousarray(cme.lag_groups[name], dtype=np.float32)  # sums in float64, kept in float32
     for name, mat in cme.matrices.items():
         tensors[f"matrix/{name}"] = np.ascontiguousarray(mat, dtype=np.float32)
         tensors[f"rows/{name}"] = np.asarray(cme.rows[name], dtype=np.int64)
@@ -69,6 +82,7 @@ def encode(cme: EpochCME, client: int, server_round: int, model: str) -> bytes:
         "model": model,
         "epochs": str(epochs),
         "fields": json.dumps(STAT_FIELDS),
+        "lag_groups": json.dumps([LAG_GROUPS, list(LAG_GROUP_FIELDS)]),
         "layers": json.dumps(list(cme.layers)),
         "shapes": json.dumps({k: list(v) for k, v in cme.shapes.items()}),
     }
@@ -88,6 +102,7 @@ class RoundCME:
     matrices: dict[str, np.ndarray]
     rows: dict[str, np.ndarray]
     cols: dict[str, np.ndarray]
+    lag_groups: dict[str, np.ndarray]
 
     @property
     def epochs(self) -> int:
@@ -107,12 +122,11 @@ def decode(data: bytes) -> RoundCME:
         meta = _metadata(data)
     except Exception as exc:  # safetensors raises its own error types
         raise CMEArchiveError(f"not a CME record: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CMEArchiveError(f"unsupported CME format {meta.get('format')!r} (expected {FORMAT!r})")
+    _check_format(meta.get("format"), "CME record")
     if json.loads(meta["fields"]) != list(STAT_FIELDS):
         raise CMEArchiveError("CME record has different statistic fields than this fedsim version")
     layers = tuple(json.loads(meta["layers"]))
-    group: dict[str, dict[str, np.ndarray]] = {"stats": {}, "matrix": {}, "rows": {}, "cols": {}}
+    group: dict[str, dict[str, np.ndarray]] = {"stats": {}, "lag": {}, "matrix": {}, "rows": {}, "cols": {}}
     for key, arr in tensors.items():
         kind, _, name = key.partition("/")
         group[kind][name] = arr
@@ -126,7 +140,19 @@ def decode(data: bytes) -> RoundCME:
         matrices=group["matrix"],
         rows=group["rows"],
         cols=group["cols"],
+        lag_groups=group["lag"],
     )
+
+
+def _check_format(fmt: Any, what: str) -> None:
+    if fmt == FORMAT:
+        return
+    if fmt in OLD_FORMATS:
+        raise CMEArchiveError(
+            f"{what} has the old CME format {fmt!r}: {OLD_FORMATS[fmt]}. This fedsim reads {FORMAT!r}; "
+            "record the run again with 'fedsim run ... --cme' to analyse it"
+        )
+    raise CMEArchiveError(f"unsupported CME format {fmt!r} in {what} (expected {FORMAT!r})")
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -180,8 +206,7 @@ def _read_index(root: Path) -> list[dict[str, Any]]:
         data = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CMEArchiveError(f"cannot read the CME index {root / INDEX_FILE}: {exc}") from exc
-    if data.get("format") != FORMAT:
-        raise CMEArchiveError(f"{root / INDEX_FILE}: unsupported format {data.get('format')!r}")
+    _check_format(data.get("format"), str(root / INDEX_FILE))
     return list(data["entries"])
 
 

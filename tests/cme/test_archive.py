@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 
 from fedsim.cme import CMEArchive, CMEArchiveError, CMEArchiveWriter, EpochCME, NoCMERecordsError, decode, encode
-from fedsim.cme.recorder import STAT_FIELDS
+from fedsim.cme.archive import FORMAT
+from fedsim.cme.schema import LAG_GROUP_FIELDS, LAG_GROUPS, STAT_FIELDS
 
 
 def fake_cme(rng, epochs=2, layers=("a.weight", "head.fc2.weight"), size=6):
     stats = {n: rng.normal(size=(epochs, len(STAT_FIELDS))) for n in layers}
     mats = {layers[-1]: rng.normal(size=(epochs, size, size)).astype(np.float32)}
     idx = {layers[-1]: np.arange(size)}
-    return EpochCME(tuple(layers), {n: (size, size) for n in layers}, stats, mats, idx, idx)
+    lags = {n: rng.normal(size=(epochs, LAG_GROUPS, len(LAG_GROUP_FIELDS))) for n in layers}
+    return EpochCME(tuple(layers), {n: (size, size) for n in layers}, stats, mats, idx, idx, lags)
 
 
 def test_round_trip_through_writer_and_reader(tmp_path, rng):
@@ -33,6 +35,7 @@ def test_round_trip_through_writer_and_reader(tmp_path, rng):
         assert rec.epochs == 2 and rec.shapes["a.weight"] == (6, 6)
         for n in cme.layers:
             np.testing.assert_array_equal(rec.stats[n], cme.stats[n])
+            np.testing.assert_array_equal(rec.lag_groups[n], cme.lag_groups[n].astype(np.float32))
         np.testing.assert_array_equal(arch.matrix(client, rnd, "head.fc2.weight", epoch=1), cme.matrices["head.fc2.weight"][0])
         np.testing.assert_array_equal(arch.matrix(client, rnd, "head.fc2.weight"), cme.matrices["head.fc2.weight"][-1])
     mean = arch.stats(0, "a.weight", "mean")
@@ -96,10 +99,24 @@ def test_interrupted_writes_leave_the_archive_readable(tmp_path, rng, monkeypatc
     monkeypatch.undo()
     assert (tmp_path / "cme/client0/round0003.safetensors").exists()
     # a torn temp file from a killed process (no cleanup ran) is ignored too
-    (tmp_path / "cme/.index.json.x.tmp").write_bytes(b'{"format": "fedsim-cme/1", "entr')
+    (tmp_path / "cme/.index.json.x.tmp").write_bytes(b'{"format": "fedsim-cme/2", "entr')
     arch = CMEArchive(tmp_path)
     assert arch.rounds(0) == [1]
     np.testing.assert_array_equal(arch.read(0, 1).stats["a.weight"], good.stats["a.weight"])
     # and the archive keeps working: round 2 can still be written after the crash
     CMEArchiveWriter(tmp_path).write(encode(fake_cme(rng), 0, 2, "m"))
     assert CMEArchive(tmp_path).rounds(0) == [1, 2]
+
+
+def test_old_format_archives_are_refused_with_a_clear_error(tmp_path, rng):
+    """fedsim-cme/1 counted masked weights as 0 and had no dead-unit statistics: not silently mixed."""
+    CMEArchiveWriter(tmp_path).write(encode(fake_cme(rng), 0, 1, "m"))
+    index = tmp_path / "cme/index.json"
+    index.write_text(index.read_text().replace(FORMAT, "fedsim-cme/1"))
+    with pytest.raises(CMEArchiveError, match=r"old CME format 'fedsim-cme/1'.*no dead-unit.*fedsim run \.\.\. --cme"):
+        CMEArchive(tmp_path)
+    payload = encode(fake_cme(rng), 0, 1, "m").replace(FORMAT.encode(), b"fedsim-cme/1")
+    with pytest.raises(CMEArchiveError, match="old CME format"):
+        decode(payload)
+    with pytest.raises(CMEArchiveError, match="unsupported CME format 'x/9"):
+        decode(encode(fake_cme(rng), 0, 1, "m").replace(FORMAT.encode(), b"x/9" + b" " * (len(FORMAT) - 3)))

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedsim.analysis.cme import ACF_STABILITY_THRESHOLD, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
+from fedsim.analysis.cme import NULL_COVERAGE, NULL_SAMPLES, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
 from fedsim.config import OPTION_FIELDS, SCENARIOS, RunConfig
 
 
@@ -69,13 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     cme.add_argument("--cme-max-size", type=int, default=d.cme_max_size, help="larger CME matrices are subsampled (seeded) to at most this many rows and columns (default: %(default)s)")
     cme.add_argument("--cme-biases", action="store_true", help="also record 1-D bias vectors")
 
-    an = sub.add_parser("analyze", help="CME convergence analysis of a run: figures, summary.json, report.md")
+    an = sub.add_parser("analyze", help="CME convergence analysis of a run: verdicts per client, figures, summary.json, report.md")
     an.add_argument("run_dir", metavar="RUN_DIR", help="a 'fedsim run' output folder")
     an.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis)")
     an.add_argument("--layer", default=None, help="CME matrix layer for covariance maps (default: the run's first, e.g. head.fc2.weight)")
-    an.add_argument("--similarity", type=float, default=SIMILARITY_THRESHOLD, help="map similarity counted as unchanged (default: %(default)s)")
+    an.add_argument("--similarity", type=float, default=SIMILARITY_THRESHOLD,
+                    help="off-diagonal map similarity counted as unchanged, for the saturation round (default: %(default)s)")
     an.add_argument("--patience", type=int, default=SATURATION_PATIENCE, help="consecutive unchanged rounds that define saturation (default: %(default)s)")
-    an.add_argument("--acf-threshold", type=float, default=ACF_STABILITY_THRESHOLD, help="ACF variation at or below which a client is dominant (default: %(default)s)")
+    an.add_argument("--null-samples", type=int, default=NULL_SAMPLES,
+                    help="permutations / noise draws behind every null band (default: %(default)s)")
+    an.add_argument("--coverage", type=float, default=NULL_COVERAGE,
+                    help="central coverage of the null bands, 0.9 = 5-95 %% quantiles (default: %(default)s)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the null bands' permutations and draws (default: %(default)s)")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
     return parser
@@ -149,7 +154,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
     enable_console_logging()
     try:
-        settings = AnalysisSettings(args.layer, args.similarity, args.patience, args.acf_threshold)
+        settings = AnalysisSettings(args.layer, args.similarity, args.patience, args.null_samples, args.coverage, args.seed)
     except ValueError as exc:
         from fedsim.config import ConfigError
 
@@ -160,12 +165,14 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     if not res.has_cme:
         print("  this run has no CME records (run 'fedsim run ... --cme' to record them): curves and final metrics only")
     for c in res.summary["clients"]:
-        line = f"  client {c['client']} {c['model']:<13}"
+        final = c.get(f"final_test_{metric}")
+        tail = f"final test {metric} {final:.3f}" if final is not None else ""
         if res.has_cme:
             sat = c["saturation_round"] if c["saturation_round"] is not None else "not reached"
-            line += f" saturation round {sat}; ACF variation {c['acf_variation']:.3f}: {c['label']};"
-        final = c.get(f"final_test_{metric}")
-        print(line + (f" final test {metric} {final:.3f}" if final is not None else ""))
+            print(f"  client {c['client']} {c['model']:<13} {c['verdict'].upper():<12} {c['reason']}")
+            print(f"  {'':<22} saturation round {sat}; dead units {c['mean_dead_fraction']:.0%} of {c['layer']}; {tail}")
+        else:
+            print(f"  client {c['client']} {c['model']:<13} {tail}")
     print(f"  report: {res.out_dir / 'report.md'}")
 
 

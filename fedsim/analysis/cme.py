@@ -1,67 +1,160 @@
-"""CME convergence analysis: covariance maps, ACF, saturation round, client characterisation.
+"""CME convergence analysis: covariance maps, ACF, per-round statistics with null bands, verdicts.
 
 Pure functions that take arrays (or a :class:`~fedsim.cme.CMEArchive`) and return arrays; the
 display classes in :mod:`fedsim.analysis.figures` draw them. CME paper (Kumar et al., ICPR 2024),
-section 3.1 (eqs. 3 and 4) and section 4.3 (how the figures are read). The paper only inspected
-the figures; the numbers here (saturation round, ACF variation) make its two readings explicit:
+section 3.1 (eqs. 3 and 4), sec. 3.2 and sec. 4.3 (how the figures are read). The paper only
+inspected the figures; this module turns its readings into statistics, and compares every statistic
+a verdict uses with a **null reference computed on the same run**:
 
-* **saturation** (sec. 4.3, Fig. 4 a-i): "the covariance pattern stabilises" becomes: the
-  similarity between consecutive rounds' covariance maps stays >= ``threshold`` for ``patience``
-  consecutive rounds;
-* **dominant vs still learning** (Fig. 4 j-l): "the ACF plot stays stable across rounds" becomes:
-  the mean absolute round-to-round change of the normalised per-layer ACF is <= a threshold.
+* **map similarity** of consecutive rounds' covariance maps, *off the diagonal* (the diagonal, the
+  neurons' variances, is positive and heavy-tailed and dominates a correlation that includes it:
+  pure noise maps score ~0.66 with it). Null: the similarity of a map to a version of the next map
+  whose neurons are shuffled (the same permutation of rows and columns, K seeded permutations):
+  what two unrelated maps with the same values score. Used for the saturation round.
+* **ACF variation** (the paper's "stable vs varying ACF plots", Fig. 4 j-l): the mean absolute
+  round-to-round change of the normalised per-layer ACF, over the *head* layers (the layers all
+  clients share; over all layers it mostly counts how many layers a model has) and, for reference,
+  over all layers. Null: the change that sampling noise alone would produce if the ACF did not
+  change at all, from a jackknife over element groups of each round's ACF.
+* **CME magnitude** of the head (mean ``|C|``, dead units counting as 0 change), compared with the
+  other clients of the run (the null of exchangeable clients).
+* **dead-unit, masked and non-finite fractions** (see :mod:`fedsim.cme.schema`).
+
+:func:`decide_verdict` turns them into one verdict per client from a fixed vocabulary
+(:data:`VERDICTS`); the rule is in that one function so a validation study can swap statistics.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from fedsim.cme.archive import CMEArchive
-from fedsim.cme.schema import FIELD
+from fedsim.cme.archive import CMEArchive, RoundCME
+from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS
 
-#: Default similarity above which consecutive covariance maps count as "unchanged".
+#: Default off-diagonal similarity above which consecutive covariance maps count as "unchanged".
 SIMILARITY_THRESHOLD = 0.9
 #: Default number of consecutive similar rounds that define saturation.
 SATURATION_PATIENCE = 2
-#: Default ACF variation at or below which a client counts as dominant.
-ACF_STABILITY_THRESHOLD = 0.1
+#: Default number of permutations / noise draws behind a null band.
+NULL_SAMPLES = 200
+#: Default central coverage of a null band: 0.9 = the 5 % to 95 % quantiles.
+NULL_COVERAGE = 0.9
+#: Name patterns of the head layers (shared by every client of a run).
+HEAD_PATTERNS: tuple[str, ...] = ("head.*",)
+#: A round with more than this fraction of head weights moving by more than their own size in one
+#: local epoch (median ``|C|`` > 1) is *exploding*. Healthy runs stay below ~1 %.
+EXPLODING_JUMP_FRACTION = 0.5
+#: A verdict other than ``diverged`` needs this many rounds with this many local epochs.
+MIN_ROUNDS = 3
+MIN_EPOCHS = 2
 
-DOMINANT = "dominant (stable ACF: needs little learning)"
-LEARNING = "still learning (varying ACF)"
+WEAK, DOMINANT, LEARNING, DIVERGED, UNDETERMINED = "weak", "dominant", "learning", "diverged", "undetermined"
+#: The fixed verdict vocabulary of ``fedsim analyze``.
+VERDICTS: tuple[str, ...] = (WEAK, DOMINANT, LEARNING, DIVERGED, UNDETERMINED)
 
 
+# ---------------------------------------------------------------------------- covariance maps
 def covariance_map(cme: np.ndarray) -> np.ndarray:
     """Eq. 3: ``E[(C - mu_C)(C - mu_C)^T]`` of a CME matrix with rows as variables and columns as
     observations (the neurons' incoming connections): an ``R x R`` map for an ``R x K`` matrix.
 
-    ``mu_C`` is each row's mean and the expectation is the unbiased sample estimate (divide by
-    ``K - 1``), the same convention as ``numpy.cov``.
+    Estimator: **pairwise-complete** unbiased covariance. NaN entries of ``C`` (masked, dead or
+    non-finite elements, see :mod:`fedsim.cme.schema`) are left out: entry ``(a, b)`` is
+    ``numpy.cov`` of rows ``a`` and ``b`` restricted to the columns valid in both (each row's mean
+    taken over those columns, divided by ``n_ab - 1``); NaN where fewer than two columns are valid
+    in both, so a dead unit's row and column of the map are NaN. Without NaN this is exactly
+    ``numpy.cov(C)``. (Pairwise maps need not be positive semi-definite; they are read entry by
+    entry, not inverted.)
     """
     c = np.asarray(cme, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] < 2:
         raise ValueError(f"a covariance map needs a 2-D CME matrix with >= 2 columns, got shape {c.shape}")
-    centred = c - c.mean(axis=1, keepdims=True)
-    return centred @ centred.T / (c.shape[1] - 1)
+    valid = np.isfinite(c)
+    m = valid.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # shift each row by its own mean (covariance is shift-invariant; this keeps the sums small)
+        row_mean = np.where(valid, c, 0.0).sum(axis=1) / np.maximum(m.sum(axis=1), 1)
+        x = np.where(valid, c - row_mean[:, None], 0.0)
+        n = m @ m.T  # columns valid in both rows
+        s_ab = x @ x.T
+        s_a = x @ m.T  # sum of row a over the columns valid in both
+        s_b = m @ x.T
+        cov = (s_ab - s_a * s_b / n) / (n - 1)
+    return np.where(n >= 2, cov, np.nan)
 
 
-def map_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two covariance maps over their upper triangles (diagonal included):
+def correlation_map(cov: np.ndarray) -> np.ndarray:
+    """``cov[a, b] / sqrt(cov[a, a] * cov[b, b])``: the covariance map on a common [-1, 1] scale."""
+    cov = np.asarray(cov, dtype=np.float64)
+    d = np.sqrt(np.where(np.diag(cov) > 0, np.diag(cov), np.nan))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.outer(d, d)
+
+
+def map_similarity(a: np.ndarray, b: np.ndarray, diagonal: bool = False) -> float:
+    """Pearson correlation of two maps over their strict upper triangles (``diagonal=True``: the
+    upper triangle with the diagonal, the statistic before fedsim 0.x), over entries finite in both:
     1 = same pattern up to scale, ~0 = unrelated. Scale-free on purpose: CMEs shrink as training
     converges, but a stable *pattern* is what the paper reads as saturation."""
     if a.shape != b.shape:
         raise ValueError(f"maps differ in shape: {a.shape} vs {b.shape}")
-    iu = np.triu_indices(a.shape[0])
-    x, y = a[iu] - a[iu].mean(), b[iu] - b[iu].mean()
+    iu = np.triu_indices(a.shape[0], k=0 if diagonal else 1)
+    return _pearson(np.asarray(a)[iu], np.asarray(b)[iu])
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
     denom = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
-def consecutive_similarities(maps: Sequence[np.ndarray]) -> np.ndarray:
+def consecutive_similarities(maps: Sequence[np.ndarray], diagonal: bool = False) -> np.ndarray:
     """``s[j] = map_similarity(maps[j], maps[j + 1])``; length ``len(maps) - 1``."""
-    return np.array([map_similarity(maps[j], maps[j + 1]) for j in range(len(maps) - 1)])
+    return np.array([map_similarity(maps[j], maps[j + 1], diagonal) for j in range(len(maps) - 1)])
+
+
+def similarity_null(a: np.ndarray, b: np.ndarray, samples: int = NULL_SAMPLES, seed: int = 0) -> np.ndarray:
+    """Permutation null of :func:`map_similarity` (off the diagonal): the similarity of ``a`` to
+    ``b`` with its neurons shuffled (``b[p][:, p]`` for ``samples`` seeded permutations ``p``).
+    The values stay those of ``b``; only which neuron pairs they belong to is random."""
+    rng = np.random.default_rng(seed)
+    iu = np.triu_indices(a.shape[0], k=1)
+    x = np.asarray(a)[iu]
+    out = np.empty(samples)
+    for k in range(samples):
+        p = rng.permutation(a.shape[0])
+        out[k] = _pearson(x, np.asarray(b)[np.ix_(p, p)][iu])
+    return out
+
+
+def band(values: np.ndarray, coverage: float = NULL_COVERAGE) -> tuple[float, float]:
+    """The central ``coverage`` interval of ``values`` (NaN ignored; NaN, NaN if none is finite)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(v, [(1 - coverage) / 2, (1 + coverage) / 2])
+    return float(lo), float(hi)
+
+
+def similarity_bands(
+    maps: Sequence[np.ndarray], samples: int = NULL_SAMPLES, coverage: float = NULL_COVERAGE, seed: int = 0
+) -> np.ndarray:
+    """``(len(maps) - 1, 2)``: the null band of each consecutive similarity (:func:`similarity_null`),
+    each pair with its own seed derived from ``seed``."""
+    out = np.full((max(len(maps) - 1, 0), 2), np.nan)
+    for j in range(len(maps) - 1):
+        out[j] = band(similarity_null(maps[j], maps[j + 1], samples, seed=seed * 1_000_003 + j), coverage)
+    return out
 
 
 def saturation_round(
@@ -69,26 +162,34 @@ def saturation_round(
     rounds: Sequence[int] | None = None,
     threshold: float = SIMILARITY_THRESHOLD,
     patience: int = SATURATION_PATIENCE,
+    null_upper: Sequence[float] | np.ndarray | None = None,
+    diagonal: bool = False,
 ) -> int | None:
     """The first round from which the covariance map stops changing, or ``None``.
 
-    Round ``rounds[j]`` is the saturation round when the next ``patience`` maps are each at least
-    ``threshold``-similar to their predecessor: ``s[j], ..., s[j + patience - 1] >= threshold``
-    with ``s`` from :func:`consecutive_similarities`. So at least ``patience + 1`` rounds are needed.
+    Round ``rounds[j]`` is the saturation round when the next ``patience`` maps are each similar to
+    their predecessor: ``s[j], ..., s[j + patience - 1] >= threshold`` with ``s`` from
+    :func:`consecutive_similarities`, and, when ``null_upper`` (one value per consecutive pair, e.g.
+    the upper edges of :func:`similarity_bands`) is given, also above that null band. So at least
+    ``patience + 1`` rounds are needed.
     """
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
     rounds = list(range(1, len(maps) + 1)) if rounds is None else list(rounds)
     if len(rounds) != len(maps):
         raise ValueError(f"{len(maps)} maps but {len(rounds)} round numbers")
-    sims = consecutive_similarities(maps)
+    sims = consecutive_similarities(maps, diagonal)
+    floor = np.full(len(sims), threshold)
+    if null_upper is not None:
+        floor = np.fmax(floor, np.asarray(null_upper, dtype=np.float64))
     for j in range(len(sims) - patience + 1):
-        window = sims[j : j + patience]
-        if np.all(np.isfinite(window)) and np.all(window >= threshold):
+        window, lim = sims[j : j + patience], floor[j : j + patience]
+        if np.all(np.isfinite(window)) and np.all(window >= lim):
             return rounds[j]
     return None
 
 
+# ---------------------------------------------------------------------------- ACF
 @dataclass(frozen=True)
 class ACF:
     """Per-layer ACF of one client: arrays of shape (rounds, layers).
@@ -96,16 +197,21 @@ class ACF:
     ``raw`` is eq. 4, ``E[C(i) C(i+1)]`` over consecutive local epochs of the round and over the
     elements valid in both; ``normalised`` divides the same sum by
     ``sqrt(sum C(i)^2 * sum C(i+1)^2)`` (a cosine similarity in [-1, 1], comparable across
-    layers and architectures). NaN where a round has fewer than two local epochs.
+    layers and architectures); ``se`` is the jackknife standard error of ``normalised`` over the
+    recorder's element groups (:func:`acf_jackknife_se`). NaN where a round has fewer than two
+    local epochs.
     """
 
     rounds: np.ndarray
     layers: tuple[str, ...]
     raw: np.ndarray
     normalised: np.ndarray
+    se: np.ndarray | None = None
 
 
-def acf_from_stats(lag_count: np.ndarray, lag_sum: np.ndarray, sq_prev: np.ndarray, sq_cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def acf_from_stats(
+    lag_count: np.ndarray, lag_sum: np.ndarray, sq_prev: np.ndarray, sq_cur: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 4 (and its normalised form) from the recorder's lag-1 terms, pooled over the last axis
     (the epoch pairs of a round). Inputs are (..., epochs); the first epoch's terms are zero."""
     n = lag_count.sum(axis=-1)
@@ -117,43 +223,121 @@ def acf_from_stats(lag_count: np.ndarray, lag_sum: np.ndarray, sq_prev: np.ndarr
     return raw, norm
 
 
+def acf_jackknife_se(groups: np.ndarray) -> np.ndarray:
+    """Jackknife standard error of the normalised ACF from per-group lag terms.
+
+    ``groups`` is ``(..., G, 4)`` with the :data:`~fedsim.cme.schema.LAG_GROUP_FIELDS` (count, sum,
+    sq_prev, sq_cur), already pooled over a round's epoch pairs. With ``g`` running over the ``G'``
+    non-empty groups, ``theta_(-g)`` is the normalised ACF without group ``g`` and
+    ``se^2 = (G' - 1) / G' * sum (theta_(-g) - mean)^2``. NaN with fewer than two non-empty groups.
+    """
+    g = np.asarray(groups, dtype=np.float64)
+    count, s, a, b = (g[..., i] for i in range(len(LAG_GROUP_FIELDS)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loo = (s.sum(-1, keepdims=True) - s) / np.sqrt((a.sum(-1, keepdims=True) - a) * (b.sum(-1, keepdims=True) - b))
+    use = (count > 0) & np.isfinite(loo)
+    k = use.sum(axis=-1)
+    mean = np.where(use, loo, 0.0).sum(axis=-1) / np.maximum(k, 1)
+    dev = np.where(use, (loo - mean[..., None]) ** 2, 0.0).sum(axis=-1)
+    se = np.sqrt((k - 1) / np.maximum(k, 1) * dev)
+    return np.where(k >= 2, se, np.nan)
+
+
 def client_acf(archive: CMEArchive, client: int) -> ACF:
-    """Per-layer, per-round ACF of one client from its archived statistics."""
+    """Per-layer, per-round ACF (and its jackknife standard error) of one client."""
     rounds = archive.rounds(client)
     layers = tuple(archive.layers(client))
     raw = np.full((len(rounds), len(layers)), np.nan)
     norm = np.full_like(raw, np.nan)
+    se = np.full_like(raw, np.nan)
     for i, r in enumerate(rounds):
         rec = archive.read(client, r)
         st = np.stack([rec.stats[layer] for layer in layers])  # (layers, epochs, fields)
         raw[i], norm[i] = acf_from_stats(
             st[..., FIELD["lag_count"]], st[..., FIELD["lag_sum"]], st[..., FIELD["lag_sq_prev"]], st[..., FIELD["lag_sq_cur"]]
         )
-    return ACF(np.array(rounds), layers, raw, norm)
+        if all(layer in rec.lag_groups for layer in layers):
+            pooled = np.stack([rec.lag_groups[layer].sum(axis=0) for layer in layers])  # (layers, G, 4)
+            se[i] = np.where(np.isfinite(norm[i]), acf_jackknife_se(pooled), np.nan)
+    return ACF(np.array(rounds), layers, raw, norm, se)
 
 
-def acf_variation(normalised: np.ndarray) -> float:
-    """ACF stability number: the mean over layers and consecutive round pairs of
-    ``|nACF_{r+1}(layer) - nACF_r(layer)|`` (0 = identical ACF plots every round; NaN entries
-    skipped; NaN with fewer than two rounds)."""
-    if normalised.shape[0] < 2:
+def acf_changes(normalised: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
+    """``(rounds - 1,)``: per consecutive round pair, the mean over the selected layers (default:
+    all) of ``|nACF_{r+1} - nACF_r|``; NaN entries skipped (NaN if none is finite)."""
+    x = np.asarray(normalised, dtype=np.float64)
+    if columns is not None:
+        x = x[:, list(columns)]
+    diff = np.abs(np.diff(x, axis=0))
+    out = np.full(diff.shape[0], np.nan)
+    for j, row in enumerate(diff):
+        if np.isfinite(row).any():
+            out[j] = float(np.nanmean(row))
+    return out
+
+
+def acf_variation(normalised: np.ndarray, columns: Sequence[int] | None = None) -> float:
+    """ACF stability number: the mean over the selected layers (default: all) and consecutive round
+    pairs of ``|nACF_{r+1}(layer) - nACF_r(layer)|`` (0 = identical ACF plots every round; NaN
+    entries skipped; NaN with fewer than two rounds)."""
+    x = np.asarray(normalised, dtype=np.float64)
+    if columns is not None:
+        x = x[:, list(columns)]
+    if x.shape[0] < 2:
         return float("nan")
-    diff = np.abs(np.diff(normalised, axis=0))
+    diff = np.abs(np.diff(x, axis=0))
     return float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
 
 
-def characterise(variation: float, threshold: float = ACF_STABILITY_THRESHOLD) -> str:
-    """The paper's reading of an ACF plot (sec. 4.3): stable -> dominant, varying -> still learning."""
-    if not np.isfinite(variation):
-        return "undetermined (needs >= 2 rounds with >= 2 local epochs)"
-    return DOMINANT if variation <= threshold else LEARNING
+def acf_change_null(
+    normalised: np.ndarray,
+    se: np.ndarray,
+    columns: Sequence[int] | None = None,
+    samples: int = NULL_SAMPLES,
+    coverage: float = NULL_COVERAGE,
+    seed: int = 0,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Noise bands of :func:`acf_changes` and :func:`acf_variation` if the ACF did not change.
+
+    Under the null every layer's true normalised ACF is the same in consecutive rounds, so the
+    observed change is sampling noise: ``N(0, se_r^2 + se_{r+1}^2)`` with ``se`` from
+    :func:`acf_jackknife_se`. ``samples`` seeded draws of all changes (over the layer/round pairs
+    where both ACFs are finite) give the distribution of the per-pair mean and of the overall mean
+    of ``|change|``; returned are the per-pair bands ``(rounds - 1, 2)`` and the variation's band.
+    """
+    x, s = np.asarray(normalised, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    if columns is not None:
+        x, s = x[:, list(columns)], s[:, list(columns)]
+    pairs = max(x.shape[0] - 1, 0)
+    per_pair = np.full((pairs, 2), np.nan)
+    if pairs == 0:
+        return per_pair, (float("nan"), float("nan"))
+    ok = np.isfinite(np.diff(x, axis=0))  # the pairs acf_changes averages over
+    sd = np.sqrt(s[:-1] ** 2 + s[1:] ** 2)
+    if not np.all(np.isfinite(sd[ok])) or not ok.any():
+        return per_pair, (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    draws = np.abs(rng.standard_normal((samples, *sd.shape)) * np.where(ok, sd, 0.0))  # (samples, pairs, layers)
+    for j in range(pairs):
+        if ok[j].any():
+            per_pair[j] = band(draws[:, j, ok[j]].mean(axis=1), coverage)
+    overall = band(draws[:, ok].mean(axis=1), coverage)
+    return per_pair, overall
+
+
+def head_layers(layers: Sequence[str], patterns: Sequence[str] = HEAD_PATTERNS, fallback: Sequence[str] = ()) -> list[str]:
+    """The layers matching ``patterns`` (default ``head.*``), in ``layers`` order; if none does,
+    those of ``fallback`` (e.g. the analysis layers) that are in ``layers``."""
+    found = [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return found or [n for n in layers if n in set(fallback)]
 
 
 def round_maps(archive: CMEArchive, client: int, layer: str, epoch: str = "last") -> tuple[np.ndarray, list[np.ndarray]]:
     """One covariance map per round of a client for ``layer``.
 
     ``epoch="last"`` (default) uses the CME of the round's last local epoch: the state the client
-    sends to the server. ``epoch="mean"`` averages the maps of all local epochs of the round.
+    sends to the server. ``epoch="mean"`` averages the maps of all local epochs of the round
+    (entry by entry, over the epochs where it is defined).
     """
     if epoch not in ("last", "mean"):
         raise ValueError(f"epoch must be 'last' or 'mean', got {epoch!r}")
@@ -166,45 +350,272 @@ def round_maps(archive: CMEArchive, client: int, layer: str, epoch: str = "last"
         if epoch == "last":
             maps.append(covariance_map(mats[-1]))
         else:
-            maps.append(np.mean([covariance_map(m) for m in mats], axis=0))
+            stack = np.stack([covariance_map(m) for m in mats])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN entries stay NaN
+                maps.append(np.nanmean(stack, axis=0))
     return np.array(rounds), maps
 
 
+# ---------------------------------------------------------------------------- per-round statistics
 @dataclass(frozen=True)
-class ClientCMESummary:
-    """What ``fedsim analyze`` reports per client."""
+class ClientStatistics:
+    """Everything a verdict may use, for one client: per-round arrays (index ``j`` = ``rounds[j]``;
+    statistics of consecutive rounds are NaN at ``j = 0``) and their null bands ``(rounds, 2)``.
+
+    Head statistics pool the head layers (:func:`head_layers`) and the round's local epochs; map
+    statistics use the analysis ``layer`` (last local epoch of each round).
+    """
 
     client: int
     model: str
     layer: str
-    rounds: list[int]
-    similarities: list[float]  # between consecutive rounds' maps
+    head: tuple[str, ...]
+    rounds: np.ndarray
+    epochs: np.ndarray
+    #: largest non-finite fraction over all layers and epochs, and the layer it is in
+    nonfinite_fraction: np.ndarray
+    nonfinite_layer: tuple[str, ...]
+    #: head: fraction of valid elements with |C| > 1 (largest over the round's epochs)
+    jump_fraction: np.ndarray
+    #: head: mean |C| over valid and dead elements (dead units count as no change)
+    magnitude: np.ndarray
+    #: head: L2 norm of C over the valid elements, mean over the round's epochs
+    norm: np.ndarray
+    #: analysis layer: masked / dead fraction of its elements, dead units / (rows + cols); epoch means
+    masked_fraction: np.ndarray
+    dead_fraction: np.ndarray
+    dead_unit_fraction: np.ndarray
+    #: off-diagonal similarity of map r-1 and map r, its permutation null band, and the old statistic
+    similarity: np.ndarray
+    similarity_band: np.ndarray
+    similarity_with_diagonal: np.ndarray
+    #: mean |change| of the normalised ACF from round r-1 to r, head / all layers, with noise bands
+    acf_change_head: np.ndarray
+    acf_change_head_band: np.ndarray
+    acf_change_all: np.ndarray
+    acf_change_all_band: np.ndarray
+    #: the same over all consecutive pairs (one number) and its noise band
+    acf_variation_head: float
+    acf_variation_head_band: tuple[float, float]
+    acf_variation_all: float
+    acf_variation_all_band: tuple[float, float]
     saturation_round: int | None
-    acf_variation: float
-    label: str
-    mean_masked_fraction: float
+    maps: list[np.ndarray] = field(default_factory=list, repr=False)
+    acf: ACF | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The per-round statistics as plain lists (NaN stays NaN: write with ``finite_json``)."""
+        out: dict[str, Any] = {"head_layers": list(self.head), "rounds": [int(r) for r in self.rounds]}
+        for name in ("nonfinite_fraction", "jump_fraction", "magnitude", "norm", "masked_fraction", "dead_fraction",
+                     "dead_unit_fraction", "similarity", "similarity_with_diagonal", "acf_change_head", "acf_change_all"):  # fmt: skip
+            out[name] = [float(v) for v in getattr(self, name)]
+        for name in ("similarity_band", "acf_change_head_band", "acf_change_all_band"):
+            out[name] = [[float(a), float(b)] for a, b in getattr(self, name)]
+        out["acf_variation_head"] = self.acf_variation_head
+        out["acf_variation_head_band"] = list(self.acf_variation_head_band)
+        out["acf_variation_all"] = self.acf_variation_all
+        out["acf_variation_all_band"] = list(self.acf_variation_all_band)
+        return out
 
 
-def summarise_client(
+def _pooled(rec: RoundCME, layers: Sequence[str], name: str) -> np.ndarray:
+    return np.stack([rec.stats[n][:, FIELD[name]] for n in layers])  # (layers, epochs)
+
+
+def client_statistics(
     archive: CMEArchive,
     client: int,
     layer: str,
+    head_patterns: Sequence[str] = HEAD_PATTERNS,
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     patience: int = SATURATION_PATIENCE,
-    acf_threshold: float = ACF_STABILITY_THRESHOLD,
-) -> ClientCMESummary:
-    rounds, maps = round_maps(archive, client, layer)
+    samples: int = NULL_SAMPLES,
+    coverage: float = NULL_COVERAGE,
+    seed: int = 0,
+) -> ClientStatistics:
+    """All per-round statistics of one client and their null bands (see :class:`ClientStatistics`)."""
+    rounds = np.array(archive.rounds(client))
+    layers = archive.layers(client)
+    head = head_layers(layers, head_patterns, archive.matrix_layers(client))
+    n = len(rounds)
+    nan = np.full(n, np.nan)
+    epochs = np.zeros(n, dtype=int)
+    nonfinite, jump, magnitude, norm = nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    masked, dead, dead_units = nan.copy(), nan.copy(), nan.copy()
+    worst: list[str] = []
+    for j, r in enumerate(rounds):
+        rec = archive.read(client, int(r))
+        epochs[j] = rec.epochs
+        per_layer = np.array([np.nanmax(rec.stat(name, "nonfinite_fraction")) for name in layers])
+        nonfinite[j] = float(per_layer.max())
+        worst.append(layers[int(per_layer.argmax())] if per_layer.max() > 0 else "")
+        if head:
+            count, size = _pooled(rec, head, "count"), _pooled(rec, head, "size")
+            dead_n = _pooled(rec, head, "dead_fraction") * size
+            abs_sum = np.nan_to_num(_pooled(rec, head, "mean_abs")) * count
+            jumps = np.nan_to_num(_pooled(rec, head, "jump_fraction")) * count
+            with np.errstate(invalid="ignore", divide="ignore"):
+                jump[j] = float(np.nanmax(jumps.sum(0) / count.sum(0))) if count.sum() > 0 else np.nan
+                magnitude[j] = float(abs_sum.sum() / (count.sum() + dead_n.sum())) if count.sum() + dead_n.sum() > 0 else np.nan
+            norm[j] = float(np.mean(np.sqrt((_pooled(rec, head, "l2") ** 2).sum(0))))
+        st = rec.stats[layer]
+        masked[j] = float(st[:, FIELD["masked_fraction"]].mean())
+        dead[j] = float(st[:, FIELD["dead_fraction"]].mean())
+        shape = rec.shapes[layer]
+        r_, c_ = (1, shape[0]) if len(shape) == 1 else (shape[0], int(np.prod(shape[1:])))
+        dead_units[j] = float(((st[:, FIELD["dead_rows"]] + st[:, FIELD["dead_cols"]]) / (r_ + c_)).mean())
+
+    _, maps = round_maps(archive, client, layer)
+    sim, sim_diag, sim_band = nan.copy(), nan.copy(), np.full((n, 2), np.nan)
+    if n >= 2:
+        sim[1:] = consecutive_similarities(maps)
+        sim_diag[1:] = consecutive_similarities(maps, diagonal=True)
+        sim_band[1:] = similarity_bands(maps, samples, coverage, seed=seed * 7919 + client)
+    sat = saturation_round(maps, list(rounds), similarity_threshold, patience, null_upper=sim_band[1:, 1]) if n >= 2 else None
+
     acf = client_acf(archive, client)
-    variation = acf_variation(acf.normalised)
-    masked = np.nanmean([archive.read(client, int(r)).stat(layer, "masked_fraction").mean() for r in rounds])
-    return ClientCMESummary(
+    se = acf.se if acf.se is not None else np.full_like(acf.normalised, np.nan)
+    hcols = [layers.index(h) for h in head]
+    change_head, change_all = nan.copy(), nan.copy()
+    band_head, band_all = np.full((n, 2), np.nan), np.full((n, 2), np.nan)
+    v_head, v_all = acf_variation(acf.normalised, hcols), acf_variation(acf.normalised)
+    vb_head: tuple[float, float] = (float("nan"), float("nan"))
+    vb_all = vb_head
+    if n >= 2:
+        change_head[1:], change_all[1:] = acf_changes(acf.normalised, hcols), acf_changes(acf.normalised)
+        band_head[1:], vb_head = acf_change_null(acf.normalised, se, hcols, samples, coverage, seed=seed * 7919 + client)
+        band_all[1:], vb_all = acf_change_null(acf.normalised, se, None, samples, coverage, seed=seed * 7919 + client + 1)
+    return ClientStatistics(
         client=client,
         model=archive.model(client),
         layer=layer,
-        rounds=[int(r) for r in rounds],
-        similarities=[float(s) for s in consecutive_similarities(maps)],
-        saturation_round=saturation_round(maps, list(rounds), similarity_threshold, patience),
-        acf_variation=variation,
-        label=characterise(variation, acf_threshold),
-        mean_masked_fraction=float(masked),
+        head=tuple(head),
+        rounds=rounds,
+        epochs=epochs,
+        nonfinite_fraction=nonfinite,
+        nonfinite_layer=tuple(worst),
+        jump_fraction=jump,
+        magnitude=magnitude,
+        norm=norm,
+        masked_fraction=masked,
+        dead_fraction=dead,
+        dead_unit_fraction=dead_units,
+        similarity=sim,
+        similarity_band=sim_band,
+        similarity_with_diagonal=sim_diag,
+        acf_change_head=change_head,
+        acf_change_head_band=band_head,
+        acf_change_all=change_all,
+        acf_change_all_band=band_all,
+        acf_variation_head=v_head,
+        acf_variation_head_band=vb_head,
+        acf_variation_all=v_all,
+        acf_variation_all_band=vb_all,
+        saturation_round=sat,
+        maps=list(maps),
+        acf=acf,
     )
+
+
+# ---------------------------------------------------------------------------- verdicts
+@dataclass(frozen=True)
+class Verdict:
+    """One client's verdict: ``verdict`` is one of :data:`VERDICTS`; ``statistic`` names the number
+    behind it, ``value`` is that number and ``band`` its null band (``None`` where the verdict
+    rests on no band, e.g. non-finite weights); ``reason`` is one line for people."""
+
+    verdict: str
+    statistic: str
+    value: float | None
+    band: tuple[float, float] | None
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if np.isfinite(x) else "n/a"
+
+
+def decide_verdict(
+    stats: ClientStatistics,
+    peers: Sequence[ClientStatistics] = (),
+    coverage: float = NULL_COVERAGE,
+    min_rounds: int = MIN_ROUNDS,
+    min_epochs: int = MIN_EPOCHS,
+) -> Verdict:
+    """The decision rule of ``fedsim analyze``: one verdict per client, checked in this order.
+
+    1. ``diverged``: a weight or CME of any layer is non-finite in some round, or the head is
+       *exploding*: in some epoch more than :data:`EXPLODING_JUMP_FRACTION` of its valid weights
+       moved by more than their own size (median ``|C|`` > 1).
+    2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
+       ACF needs two epochs per round, its change two rounds), or no noise band could be computed.
+    3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
+       nothing), or, with peers, the client's head CME magnitude is below *every* other client's in
+       every round. Null: clients are exchangeable, so that happens by chance with probability
+       ``(1 / clients) ** rounds``; the test is made only when that is at most ``(1 - coverage) / 2``
+       (e.g. 3 clients need >= 3 rounds) -- the sec. 3.2 reading "minimal contribution".
+    4. ``learning``: the head ACF variation is above the upper edge of its noise band (the ACF
+       changes between rounds more than sampling noise explains: the paper's "varying ACF").
+    5. ``dominant``: otherwise -- a stable head ACF with a normal-size contribution (the paper's
+       "stable ACF: needs little learning", sec. 4.3).
+
+    ``peers`` are the other clients of the run (for step 3); rounds are matched by number.
+    """
+    s = stats
+    bad = np.flatnonzero(np.nan_to_num(s.nonfinite_fraction) > 0)
+    if bad.size:
+        j = int(bad[0])
+        return Verdict(DIVERGED, "nonfinite_fraction", float(s.nonfinite_fraction[j]), None,
+                       f"non-finite weights/CMEs from round {s.rounds[j]} ({s.nonfinite_fraction[j]:.1%} of {s.nonfinite_layer[j]})")  # fmt: skip
+    boom = np.flatnonzero(np.nan_to_num(s.jump_fraction) > EXPLODING_JUMP_FRACTION)
+    if boom.size:
+        j = int(boom[0])
+        return Verdict(DIVERGED, "jump_fraction", float(s.jump_fraction[j]), (0.0, EXPLODING_JUMP_FRACTION),
+                       f"exploding: in round {s.rounds[j]} {s.jump_fraction[j]:.0%} of the head weights moved by more than "
+                       f"their own size in one local epoch (limit {EXPLODING_JUMP_FRACTION:.0%})")  # fmt: skip
+
+    usable = int((s.epochs >= min_epochs).sum())
+    vband = s.acf_variation_head_band
+    if usable < min_rounds:
+        return Verdict(UNDETERMINED, "rounds", float(usable), None,
+                       f"needs >= {min_rounds} rounds with >= {min_epochs} local epochs; has {len(s.rounds)} rounds "
+                       f"with {int(s.epochs.min()) if len(s.epochs) else 0}-{int(s.epochs.max()) if len(s.epochs) else 0} local epochs")  # fmt: skip
+
+    mag = s.magnitude
+    if np.all(np.nan_to_num(mag) == 0):
+        return Verdict(WEAK, "magnitude", 0.0, None, "no head weight changed in any round: the client contributes nothing")
+    others = [p for p in peers if p.client != s.client]
+    if others:
+        clients = len(others) + 1
+        common = [r for r in s.rounds if all(r in p.rounds for p in others)]
+        chance = (1 / clients) ** len(common) if common else 1.0
+        if common and chance <= (1 - coverage) / 2:
+            own = np.array([mag[list(s.rounds).index(r)] for r in common])
+            peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others])  # (peers, rounds)
+            below = own < np.nanmin(peer, axis=0)
+            if np.all(below & np.isfinite(own)):
+                peer_med = np.nanmedian(peer, axis=1)
+                return Verdict(WEAK, "magnitude", float(np.median(own)), (float(np.min(peer_med)), float(np.max(peer_med))),
+                               f"head CME magnitude {_fmt(float(np.median(own)))} below every other client's "
+                               f"({_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}) in all {len(common)} rounds "
+                               f"(chance {chance:.2g} if clients were alike)")  # fmt: skip
+
+    v = s.acf_variation_head
+    if not (np.isfinite(v) and np.isfinite(vband[1])):
+        return Verdict(UNDETERMINED, "acf_variation_head", v if np.isfinite(v) else None, None,
+                       "no noise band for the head ACF variation (the archive lacks the ACF's group terms or valid head elements)")  # fmt: skip
+    if v > vband[1]:
+        return Verdict(LEARNING, "acf_variation_head", v, vband,
+                       f"head ACF variation {_fmt(v)} above its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: the ACF still changes")  # fmt: skip
+    return Verdict(DOMINANT, "acf_variation_head", v, vband,
+                   f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning")  # fmt: skip
+
+
+def decide_verdicts(all_stats: Sequence[ClientStatistics], coverage: float = NULL_COVERAGE) -> dict[int, Verdict]:
+    """:func:`decide_verdict` for every client of a run, each against the others."""
+    return {s.client: decide_verdict(s, all_stats, coverage) for s in all_stats}

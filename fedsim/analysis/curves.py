@@ -77,8 +77,8 @@ class ClientCurvesDisplay:
             fig = axes[0].figure
         c = self.curves
         nan = np.full(len(c.rounds), np.nan)
-        for ax, kind in zip(axes, (self.metric, "loss")):
-            for i, (client, model) in enumerate(zip(c.clients, c.models)):
+        for ax, kind in zip(axes, (self.metric, "loss"), strict=False):
+            for i, (client, model) in enumerate(zip(c.clients, c.models, strict=True)):
                 if client not in self.clients:
                     continue
                 color = f"C{i}"

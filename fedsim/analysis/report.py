@@ -3,11 +3,15 @@
 Writes into ``RUN_DIR/analysis/`` (or ``out``):
 
 * ``curves.png``: every client's primary metric and loss over rounds;
-* ``client<k>_cme.png``: per client, covariance maps (eq. 3) at three rounds, the ACF per layer
-  (eq. 4 and normalised), and its learning curve (the paper's Figs. 4/5, one column per client);
+* ``client<k>_cme.png``: per client, covariance maps (eq. 3) at three rounds on one colour scale
+  with their diagonals apart, the statistics behind its verdict per round with their null bands,
+  the normalised ACF per layer and its learning curve (the paper's Figs. 4/5, one column per
+  client, plus the numbers), titled with the verdict;
 * the task's own figures (:meth:`fedsim.clients.tasks.base.Task.analysis_figures`), if any;
-* ``summary.json``: per client the saturation round, the ACF variation and label, the final
-  metrics; plus the settings used;
+* ``summary.json``: per client the verdict (one of :data:`~fedsim.analysis.cme.VERDICTS`), the
+  statistic behind it, its null band and a one-line reason, the saturation round, the per-round
+  statistics (:class:`~fedsim.analysis.cme.ClientStatistics`) and the final metrics; plus the
+  settings used;
 * ``report.md``: a readable report embedding the figures.
 
 A run recorded without ``--cme`` still gets curves, summary and report, which say so.
@@ -21,14 +25,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedsim._logging import logger
 from fedsim.analysis.cme import (
-    ACF_STABILITY_THRESHOLD,
+    HEAD_PATTERNS,
+    MIN_EPOCHS,
+    MIN_ROUNDS,
+    NULL_COVERAGE,
+    NULL_SAMPLES,
     SATURATION_PATIENCE,
     SIMILARITY_THRESHOLD,
-    client_acf,
-    round_maps,
-    summarise_client,
+    ClientStatistics,
+    Verdict,
+    client_statistics,
+    decide_verdicts,
 )
 from fedsim.analysis.curves import ClientCurvesDisplay, client_curves
 from fedsim.analysis.figures import ClientCMEFigure, pick_rounds
@@ -40,20 +51,25 @@ ANALYSIS_DIR = "analysis"
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    """Thresholds of the saturation and characterisation rules (see :mod:`fedsim.analysis.cme`)."""
+    """Settings of the statistics, null bands and saturation rule (see :mod:`fedsim.analysis.cme`)."""
 
     layer: str | None = None  # None: the first archived matrix layer (the task's default)
     similarity_threshold: float = SIMILARITY_THRESHOLD
     patience: int = SATURATION_PATIENCE
-    acf_threshold: float = ACF_STABILITY_THRESHOLD
+    null_samples: int = NULL_SAMPLES
+    coverage: float = NULL_COVERAGE
+    seed: int = 0
+    head_patterns: tuple[str, ...] = HEAD_PATTERNS
 
     def __post_init__(self) -> None:
         if not -1 <= self.similarity_threshold <= 1:
             raise ValueError(f"similarity threshold must be in [-1, 1], got {self.similarity_threshold}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
-        if not self.acf_threshold >= 0:
-            raise ValueError(f"ACF threshold must be >= 0, got {self.acf_threshold}")
+        if self.null_samples < 20:
+            raise ValueError(f"null samples must be >= 20 (a band needs a distribution), got {self.null_samples}")
+        if not 0 < self.coverage < 1:
+            raise ValueError(f"null band coverage must be in (0, 1), e.g. 0.9 for the 5-95 % band, got {self.coverage}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
     clients_out: list[dict[str, Any]] = []
     layer = settings.layer
     if archive is not None:
+        all_stats: list[ClientStatistics] = []
         for client in archive.clients:
             layer = layer or archive.matrix_layers(client)[0]
             if layer not in archive.matrix_layers(client):
@@ -111,17 +128,21 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
                     f"no full CME matrices of layer {layer!r} for client {client}; archived: "
                     f"{', '.join(archive.matrix_layers(client))} (record others with --cme-layers)"
                 )
-            s = summarise_client(archive, client, layer, settings.similarity_threshold, settings.patience, settings.acf_threshold)
-            rounds, maps = round_maps(archive, client, layer)
-            shown = pick_rounds(list(rounds), s.saturation_round)
-            fig = ClientCMEFigure(
-                s, [maps[list(rounds).index(r)] for r in shown], shown, client_acf(archive, client), curves, metric
-            ).plot()
-            save(fig, f"client{client}_cme.png")
-            clients_out.append(_client_entry(asdict(s), last.get(client, {}), metric))
-            logger.info("client %d: saturation %s, ACF variation %.3f -> %s", client, s.saturation_round, s.acf_variation, s.label)
+            all_stats.append(
+                client_statistics(archive, client, layer, settings.head_patterns, settings.similarity_threshold, settings.patience,
+                                  settings.null_samples, settings.coverage, settings.seed)
+            )
+        verdicts = decide_verdicts(all_stats, settings.coverage)
+        for s in all_stats:
+            v = verdicts[s.client]
+            shown = pick_rounds([int(r) for r in s.rounds], s.saturation_round)
+            first = archive.read(s.client, int(s.rounds[0]))
+            fig = ClientCMEFigure(s, v, shown, curves, metric, neurons=first.rows.get(s.layer), similarity_threshold=settings.similarity_threshold).plot()
+            save(fig, f"client{s.client}_cme.png")
+            clients_out.append(_client_entry(_cme_entry(s, v), last.get(s.client, {}), metric))
+            logger.info("client %d: %s (%s)", s.client, v.verdict, v.reason)
     else:
-        for client, model in zip(curves.clients, curves.models):
+        for client, model in zip(curves.clients, curves.models, strict=True):
             clients_out.append(_client_entry({"client": client, "model": model}, last.get(client, {}), metric))
 
     for path in task.analysis_figures(rd.path, cfg, out_dir):
@@ -134,13 +155,37 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
         "rounds": len(rows),
         "primary_metric": metric,
         "cme": archive is not None,
-        "settings": asdict(settings) | {"layer": layer, "cov_map_epoch": "last local epoch of each round"},
+        "settings": asdict(settings)
+        | {"layer": layer, "cov_map_epoch": "last local epoch of each round", "min_rounds": MIN_ROUNDS, "min_epochs": MIN_EPOCHS},
         "clients": clients_out,
         "global": rows[-1].get("global"),
     }
     atomic_write_bytes(out_dir / "summary.json", (json.dumps(finite_json(summary), indent=2) + "\n").encode())
     atomic_write_bytes(out_dir / "report.md", render_report(summary, figures, out_dir).encode())
     return AnalysisResult(out_dir, summary, figures, archive is not None)
+
+
+def _cme_entry(s: ClientStatistics, v: Verdict) -> dict[str, Any]:
+    """A client's ``summary.json`` entry: the verdict first, then the numbers behind it."""
+    return {
+        "client": s.client,
+        "model": s.model,
+        "verdict": v.verdict,
+        "reason": v.reason,
+        "statistic": v.statistic,
+        "value": v.value,
+        "null_band": list(v.band) if v.band is not None else None,
+        "layer": s.layer,
+        "rounds": [int(r) for r in s.rounds],
+        "saturation_round": s.saturation_round,
+        "similarities": [float(x) for x in s.similarity[1:]],
+        "acf_variation_head": s.acf_variation_head,
+        "acf_variation": s.acf_variation_all,
+        "mean_masked_fraction": float(np.nanmean(s.masked_fraction)),
+        "mean_dead_fraction": float(np.nanmean(s.dead_fraction)),
+        "max_nonfinite_fraction": float(np.nanmax(s.nonfinite_fraction)),
+        "statistics": s.to_json(),
+    }
 
 
 def _client_entry(base: dict[str, Any], last_row: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -167,25 +212,34 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
     ]
     if summary["cme"]:
         st = summary["settings"]
+        lo, hi = (1 - st["coverage"]) / 2 * 100, (1 + st["coverage"]) / 2 * 100
         lines += [
-            f"CME layer `{st['layer']}`; covariance maps (eq. 3) from the {st['cov_map_epoch']}. "
+            (f"CME layer `{st['layer']}`; covariance maps (eq. 3, pairwise over valid entries: masked weights, dead units "
+            f"and non-finite values left out) from the {st['cov_map_epoch']}. Every client gets one verdict: "
+            "**diverged** (non-finite or exploding weights/CMEs), **undetermined** (too little data; the reason says what is "
+            f"missing: >= {st['min_rounds']} rounds with >= {st['min_epochs']} local epochs are needed), **weak** (its head "
+            "changes less than every other client's in every round, or not at all), **learning** (its head ACF varies between "
+            "rounds more than sampling noise explains) or **dominant** (a stable head ACF). "
+            f"Null bands are the {lo:g}-{hi:g} % quantiles of {st['null_samples']} seeded draws computed on this run "
+            "(ACF: jackknife noise of the ACF if it did not change; map similarity: the next map with its neurons shuffled). "
             f"**Saturation round**: the first round from which the next {st['patience']} maps are each at least "
-            f"{st['similarity_threshold']}-similar (Pearson correlation) to their predecessor. **ACF variation**: "
-            f"mean absolute round-to-round change of the normalised per-layer ACF (eq. 4); <= {st['acf_threshold']} "
-            "reads as *dominant* (stable ACF, needs little learning), above as *still learning*.",
+            f"{st['similarity_threshold']}-similar (Pearson, off the diagonal) to their predecessor and above the null band."),
             "",
-            f"| client | model | saturation round | ACF variation | label | final test {m} |",
-            "| --- | --- | --- | --- | --- | --- |",
+            f"| client | model | verdict | statistic | value | null band | reason | saturation round | dead units | final test {m} |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in summary["clients"]:
             sat = c["saturation_round"] if c["saturation_round"] is not None else "not reached"
+            nb = c.get("null_band")
+            band_txt = f"[{_fmt(nb[0])}, {_fmt(nb[1])}]" if nb else "-"
             lines.append(
-                f"| {c['client']} | {c['model']} | {sat} | {_fmt(c['acf_variation'])} | {c['label']} | {_fmt(c.get(f'final_test_{m}'))} |"
+                f"| {c['client']} | {c['model']} | **{c['verdict']}** | {c['statistic']} | {_fmt(c['value'])} | {band_txt} | "
+                f"{c['reason']} | {sat} | {_fmt(c['mean_dead_fraction'], '.1%')} | {_fmt(c.get(f'final_test_{m}'))} |"
             )
     else:
         lines += [
-            "**This run has no CME records** (it was run without `--cme`), so there are no covariance maps, "
-            "ACF plots, saturation rounds or client labels. Re-run with `fedsim run ... --cme` to record them.",
+            ("**This run has no CME records** (it was run without `--cme`), so there are no covariance maps, "
+             "ACF plots, saturation rounds or client verdicts. Re-run with `fedsim run ... --cme` to record them."),
             "",
             f"| client | model | final test {m} |",
             "| --- | --- | --- |",

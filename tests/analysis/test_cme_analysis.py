@@ -1,4 +1,7 @@
-"""Eq. 3 against numpy.cov, eq. 4 against a direct computation, saturation and labels."""
+"""Eq. 3 against numpy.cov (also on the valid entries only), eq. 4 against a direct computation,
+the null references against independent computations, saturation, and the verdict rule."""
+
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -6,14 +9,29 @@ import torch
 from torch import nn
 
 from fedsim.analysis.cme import (
+    DIVERGED,
     DOMINANT,
     LEARNING,
+    UNDETERMINED,
+    VERDICTS,
+    WEAK,
+    ClientStatistics,
+    Verdict,
+    acf_change_null,
+    acf_changes,
     acf_from_stats,
+    acf_jackknife_se,
     acf_variation,
-    characterise,
+    consecutive_similarities,
+    correlation_map,
     covariance_map,
+    decide_verdict,
+    decide_verdicts,
+    head_layers,
     map_similarity,
     saturation_round,
+    similarity_bands,
+    similarity_null,
 )
 from fedsim.callbacks import TrainInfo
 from fedsim.cme import FIELD, CMERecorder, CMESettings
@@ -26,6 +44,31 @@ def test_covariance_map_equals_numpy_cov(rng):
     np.testing.assert_allclose(cov, np.cov(c), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match=">= 2 columns"):
         covariance_map(np.ones((3, 1)))
+
+
+def test_covariance_map_uses_only_the_valid_entries(rng):
+    """Masked entries (NaN) and a dead row: each entry is numpy.cov of the two rows over the columns
+    valid in both; the dead unit's row and column are NaN; a masked 0 would have biased it."""
+    c = rng.normal(loc=0.3, size=(6, 12))
+    c[rng.random(c.shape) < 0.2] = np.nan
+    c[4] = np.nan  # dead unit
+    cov = covariance_map(c)
+    for a in range(6):
+        for b in range(6):
+            ok = np.isfinite(c[a]) & np.isfinite(c[b])
+            if ok.sum() < 2:
+                assert np.isnan(cov[a, b])
+            else:
+                assert cov[a, b] == pytest.approx(np.cov(c[a, ok], c[b, ok])[0, 1], rel=1e-10, abs=1e-14)
+    assert np.isnan(cov[4]).all() and np.isnan(cov[:, 4]).all()
+    assert np.allclose(cov, cov.T, equal_nan=True)
+    zero_filled = covariance_map(np.nan_to_num(c))
+    assert not np.allclose(zero_filled[:4, :4], cov[:4, :4])  # the old behaviour was different
+
+
+def test_correlation_map(rng):
+    c = rng.normal(size=(5, 30))
+    np.testing.assert_allclose(correlation_map(covariance_map(c)), np.corrcoef(c), rtol=1e-10)
 
 
 def test_acf_from_recorder_stats_equals_direct_computation(rng):
@@ -66,6 +109,39 @@ def test_acf_is_nan_without_epoch_pairs():
     assert np.isnan(raw).all() and np.isnan(norm).all()
 
 
+def test_jackknife_se_equals_a_direct_leave_one_group_out(rng):
+    sizes = [5, 7, 6, 4, 0, 8]  # one empty group: left out
+    a = [rng.normal(size=n) for n in sizes]
+    b = [0.6 * x + rng.normal(size=len(x)) for x in a]
+    groups = np.array([[len(x), (x * y).sum(), (x * x).sum(), (y * y).sum()] for x, y in zip(a, b, strict=True)])
+    loo = []
+    for g in range(len(sizes)):
+        if sizes[g] == 0:
+            continue
+        x = np.concatenate([a[k] for k in range(len(sizes)) if k != g])
+        y = np.concatenate([b[k] for k in range(len(sizes)) if k != g])
+        loo.append((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+    k = len(loo)
+    expected = np.sqrt((k - 1) / k * ((np.array(loo) - np.mean(loo)) ** 2).sum())
+    assert acf_jackknife_se(groups) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(acf_jackknife_se(groups[:1]))  # one group: no jackknife
+    stacked = acf_jackknife_se(np.stack([groups, groups]))  # leading axes broadcast
+    np.testing.assert_allclose(stacked, [expected, expected])
+
+
+def test_acf_change_null_matches_the_half_normal():
+    """One layer, one round pair, se 0.03 in both rounds: |N(0, 2 * 0.03^2)| quantiles."""
+    nacf = np.array([[0.5], [0.6]])
+    se = np.full((2, 1), 0.03)
+    per_pair, overall = acf_change_null(nacf, se, samples=40_000, coverage=0.9, seed=1)
+    expect = [NormalDist(0, np.sqrt(2) * 0.03).inv_cdf((1 + p) / 2) for p in (0.05, 0.95)]  # half-normal quantiles
+    np.testing.assert_allclose(per_pair[0], expect, rtol=0.03)
+    np.testing.assert_allclose(overall, expect, rtol=0.03)
+    assert acf_change_null(nacf, np.zeros((2, 1)))[1] == (0.0, 0.0)
+    assert np.isnan(acf_change_null(nacf, np.full((2, 1), np.nan))[1]).all()  # no se: no band
+    assert np.isnan(acf_change_null(nacf[:1], se[:1])[1]).all()  # one round: no change
+
+
 def _noise_then_pattern(rng, n_rounds, stable_from, size=12):
     base = rng.normal(size=(size, 30))
     pattern = covariance_map(base)
@@ -83,6 +159,10 @@ def test_saturation_round_found_where_maps_stabilise(rng, stable_from):
     maps = _noise_then_pattern(rng, 10, stable_from)
     assert saturation_round(maps, threshold=0.9, patience=2) == stable_from
     assert saturation_round(maps, rounds=range(11, 21)) == 10 + stable_from  # reports the given round numbers
+    bands = similarity_bands(maps, samples=50)
+    assert saturation_round(maps, threshold=0.9, null_upper=bands[:, 1]) == stable_from
+    # a null band above the similarity vetoes saturation
+    assert saturation_round(maps, threshold=0.0, null_upper=np.full(9, 1.01)) is None
 
 
 def test_no_saturation_when_maps_keep_changing(rng):
@@ -94,19 +174,112 @@ def test_no_saturation_when_maps_keep_changing(rng):
     assert saturation_round(_noise_then_pattern(rng, 8, stable_from=7), patience=1) == 7
 
 
-def test_map_similarity_is_scale_free():
-    a = np.array([[2.0, 1.0], [1.0, 3.0]])
+def test_map_similarity_off_and_on_the_diagonal():
+    a = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 2.0], [0.0, 2.0, 9.0]])
+    b = np.array([[5.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 2.0, 1.0]])
     assert map_similarity(a, 10 * a) == pytest.approx(1.0)
     assert map_similarity(a, -a) == pytest.approx(-1.0)
-    # upper triangles [2, 1, 3] vs [1, 2, 3]: Pearson r = 0.5 by hand
-    assert map_similarity(a, np.array([[1.0, 2.0], [2.0, 3.0]])) == pytest.approx(0.5)
+    # off the diagonal: [1, 0, 2] vs [0, 1, 2] -> Pearson r = 0.5 by hand
+    assert map_similarity(a, b) == pytest.approx(0.5)
+    assert map_similarity(a, b, diagonal=True) == pytest.approx(np.corrcoef(a[np.triu_indices(3)], b[np.triu_indices(3)])[0, 1])
+    c = b.copy()
+    c[0, 2] = c[2, 0] = np.nan  # entries NaN in either map are left out: [1, 2] vs [0, 2]
+    assert map_similarity(a, c) == pytest.approx(np.nan, nan_ok=True)  # < 3 entries
+    assert np.isnan(map_similarity(np.eye(3), np.eye(3)))  # constant off-diagonal: undefined
 
 
-def test_acf_variation_and_labels_by_hand():
-    nacf = np.array([[0.5, 0.2], [0.7, 0.2], [0.7, 0.1]])
-    assert acf_variation(nacf) == pytest.approx((0.2 + 0.0 + 0.0 + 0.1) / 4)
+def test_off_diagonal_similarity_of_noise_sits_in_its_permutation_null(rng):
+    """The issue's finding: independent noise maps correlate strongly *with* the diagonal and not
+    at all without it; the permutation null band is centred on 0 and contains them."""
+    maps = [covariance_map(rng.normal(size=(64, 40))) for _ in range(4)]
+    with_diag = consecutive_similarities(maps, diagonal=True)
+    off = consecutive_similarities(maps)
+    bands = similarity_bands(maps, samples=200, coverage=0.98, seed=3)
+    assert np.all(with_diag > 0.4) and np.all(np.abs(off) < 0.1)
+    assert np.all((bands[:, 0] < off) & (off < bands[:, 1])) and np.all(np.abs(bands).max() < 0.15)
+    # a map against itself is far above its permutation null
+    assert map_similarity(maps[0], maps[0]) == pytest.approx(1.0)
+    assert similarity_null(maps[0], maps[0], 100).max() < 0.2
+    np.testing.assert_array_equal(similarity_null(maps[0], maps[1], 20, seed=5), similarity_null(maps[0], maps[1], 20, seed=5))
+
+
+def test_acf_variation_head_only_and_changes_by_hand():
+    nacf = np.array([[0.5, 0.2, 0.9], [0.7, 0.2, 0.1], [0.7, 0.1, 0.1]])
+    assert acf_variation(nacf[:, :2]) == pytest.approx((0.2 + 0.0 + 0.0 + 0.1) / 4)
+    assert acf_variation(nacf, columns=[0, 1]) == acf_variation(nacf[:, :2])
+    assert acf_variation(nacf) == pytest.approx((0.2 + 0 + 0.8 + 0 + 0.1 + 0) / 6)
+    np.testing.assert_allclose(acf_changes(nacf, [0, 1]), [0.1, 0.05])
     assert acf_variation(np.array([[0.5, np.nan], [0.6, np.nan]])) == pytest.approx(0.1)
     assert np.isnan(acf_variation(nacf[:1]))
-    assert characterise(0.05, threshold=0.1) == DOMINANT
-    assert characterise(0.15, threshold=0.1) == LEARNING
-    assert characterise(float("nan")).startswith("undetermined")
+
+
+def test_head_layers():
+    layers = ["backbone.0.weight", "head.fc1.weight", "head.fc2.weight", "fc2.weight"]
+    assert head_layers(layers) == ["head.fc1.weight", "head.fc2.weight"]
+    assert head_layers(["conv.weight", "fc2.weight"], fallback=["fc2.weight"]) == ["fc2.weight"]
+
+
+# ---------------------------------------------------------------------------- the verdict rule
+def make_stats(client=0, rounds=4, epochs=2, magnitude=0.05, variation=0.05, vband=(0.01, 0.1), nonfinite=0.0, jump=0.01):
+    n = rounds
+    rr = np.arange(1, n + 1)
+    full = np.full(n, np.nan)
+    bands = np.full((n, 2), np.nan)
+    return ClientStatistics(
+        client=client, model="m", layer="head.fc2.weight", head=("head.fc2.weight",), rounds=rr, epochs=np.full(n, epochs),
+        nonfinite_fraction=np.full(n, nonfinite), nonfinite_layer=("head.fc2.weight",) * n, jump_fraction=np.full(n, jump),
+        magnitude=np.broadcast_to(np.asarray(magnitude, dtype=float), (n,)).copy(), norm=full, masked_fraction=full,
+        dead_fraction=full, dead_unit_fraction=full, similarity=full, similarity_band=bands, similarity_with_diagonal=full,
+        acf_change_head=full, acf_change_head_band=bands, acf_change_all=full, acf_change_all_band=bands,
+        acf_variation_head=variation, acf_variation_head_band=vband, acf_variation_all=variation, acf_variation_all_band=vband,
+        saturation_round=None,
+    )  # fmt: skip
+
+
+def test_nan_weights_are_diverged_never_a_healthy_label():
+    v = decide_verdict(make_stats(nonfinite=0.25, variation=0.5))
+    assert v.verdict == DIVERGED and "non-finite" in v.reason and "25.0%" in v.reason
+    v = decide_verdict(make_stats(jump=0.8))
+    assert v.verdict == DIVERGED and "exploding" in v.reason and v.value == 0.8
+    # even in a run too short for anything else
+    assert decide_verdict(make_stats(rounds=1, nonfinite=1.0)).verdict == DIVERGED
+
+
+@pytest.mark.parametrize(("rounds", "epochs"), [(2, 2), (5, 1)])
+def test_too_short_runs_are_undetermined_and_say_what_is_missing(rounds, epochs):
+    v = decide_verdict(make_stats(rounds=rounds, epochs=epochs))
+    assert v.verdict == UNDETERMINED
+    assert v.reason.startswith("needs >= 3 rounds with >= 2 local epochs") and f"has {rounds} rounds" in v.reason
+
+
+def test_learning_and_dominant_come_from_the_noise_band():
+    v = decide_verdict(make_stats(variation=0.2, vband=(0.02, 0.1)))
+    assert (v.verdict, v.statistic, v.value, v.band) == (LEARNING, "acf_variation_head", 0.2, (0.02, 0.1))
+    assert "above its noise band [0.02, 0.1]" in v.reason
+    v = decide_verdict(make_stats(variation=0.08, vband=(0.02, 0.1)))
+    assert v.verdict == DOMINANT and "within its noise band" in v.reason
+    assert decide_verdict(make_stats(vband=(np.nan, np.nan))).verdict == UNDETERMINED
+
+
+def test_weak_needs_a_smaller_magnitude_than_every_peer_in_every_round():
+    peers = [make_stats(client=1, magnitude=[0.05, 0.04, 0.06, 0.05]), make_stats(client=2, magnitude=[0.03, 0.05, 0.04, 0.06])]
+    weak = make_stats(client=0, magnitude=[0.01, 0.02, 0.01, 0.02], variation=0.5)
+    v = decide_verdict(weak, peers)
+    assert v.verdict == WEAK and v.statistic == "magnitude" and "in all 4 rounds" in v.reason and "chance 0.012" in v.reason
+    assert v.value == pytest.approx(0.015) and v.band == pytest.approx((0.045, 0.05))
+    # below in 3 of 4 rounds only: not weak (the ACF rule decides)
+    almost = make_stats(client=0, magnitude=[0.01, 0.02, 0.045, 0.02], variation=0.5)
+    assert decide_verdict(almost, peers).verdict == LEARNING
+    # two clients, 4 rounds: chance 1/16 > 5 %: the peer test is not made
+    assert decide_verdict(weak, peers[:1]).verdict == LEARNING
+    # nothing changed at all: weak without any peer
+    v = decide_verdict(make_stats(magnitude=0.0))
+    assert v.verdict == WEAK and "contributes nothing" in v.reason
+    verdicts = decide_verdicts([weak, *peers])
+    assert verdicts[0].verdict == WEAK and verdicts[1].verdict == DOMINANT
+
+
+def test_verdicts_come_from_the_fixed_vocabulary():
+    assert VERDICTS == ("weak", "dominant", "learning", "diverged", "undetermined")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Verdict("dominant (stable ACF)", "x", None, None, "")

@@ -170,7 +170,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         if res.has_cme:
             sat = c["saturation_round"] if c["saturation_round"] is not None else "not reached"
             print(f"  client {c['client']} {c['model']:<13} {c['verdict'].upper():<12} {c['reason']}")
-            print(f"  {'':<22} saturation round {sat}; dead units {c['mean_dead_fraction']:.0%} of {c['layer']}; {tail}")
+            print(f"  {'':<22} saturation round {sat}; {c['mean_dead_fraction']:.0%} of {c['layer']} in dead units; {tail}")
         else:
             print(f"  client {c['client']} {c['model']:<13} {tail}")
     print(f"  report: {res.out_dir / 'report.md'}")

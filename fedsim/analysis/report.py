@@ -225,7 +225,7 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
             f"**Saturation round**: the first round from which the next {st['patience']} maps are each at least "
             f"{st['similarity_threshold']}-similar (Pearson, off the diagonal) to their predecessor and above the null band."),
             "",
-            f"| client | model | verdict | statistic | value | null band | reason | saturation round | dead units | final test {m} |",
+            f"| client | model | verdict | statistic | value | null band | reason | saturation round | share in dead units | final test {m} |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in summary["clients"]:

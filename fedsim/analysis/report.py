@@ -7,7 +7,8 @@ Writes into ``RUN_DIR/analysis/`` (or ``out``):
   with their diagonals apart, the statistics behind its verdict per round with their null bands,
   the normalised ACF per layer and its learning curve (the paper's Figs. 4/5, one column per
   client, plus the numbers), titled with the verdict;
-* the task's own figures (:meth:`fedsim.clients.tasks.base.Task.analysis_figures`), if any;
+* the task's own figures (:meth:`fedsim.clients.tasks.base.Task.figure_arrays`, drawn by
+  :mod:`fedsim.analysis.task_figures`), if any;
 * ``summary.json``: per client the verdict (one of :data:`~fedsim.analysis.cme.VERDICTS`), the
   statistic behind it, its null band and a one-line reason, the saturation round, the per-round
   statistics (:class:`~fedsim.analysis.cme.ClientStatistics`) and the final metrics; plus the
@@ -145,8 +146,10 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
         for client, model in zip(curves.clients, curves.models, strict=True):
             clients_out.append(_client_entry({"client": client, "model": model}, last.get(client, {}), metric))
 
-    for path in task.analysis_figures(rd.path, cfg, out_dir):
-        figures.append(Path(path))
+    from fedsim.analysis.task_figures import task_figure_displays
+
+    for name, display in task_figure_displays(task, rd.path, cfg):  # the task's arrays, drawn by display classes
+        save(display.plot(), name)
 
     summary = {
         "run_dir": str(rd.path),

@@ -1,18 +1,25 @@
-"""Local training and evaluation loops for classification tasks, with composable callbacks.
+"""The one local-epoch runner every task trains through, and the classification epoch of ``brain_mri``.
 
-Cross-cutting concerns (progress logging, timing, CME recording) hook in as
-:class:`fedsim.callbacks.TrainCallback` objects instead of flags inside the loop.
+:func:`run_local_epochs` owns what is the same in every task: moving the model to the device, the
+optimiser, FedProx's proximal term, the optimiser step (:class:`TrainStep`) and the training
+callbacks (:class:`fedsim.callbacks.TrainCallback`: progress logging, CME recording, ...), which it
+always calls, in order: ``on_train_start``, ``on_epoch_end`` after every epoch, ``on_train_end``.
+A task supplies a :class:`LocalTraining` plan: its optimiser, one epoch (its batches, loss and
+metrics; it calls ``step(loss)`` once per batch) and, optionally, what to report at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedsim.callbacks import TrainCallback, TrainInfo
+
+Metrics = dict[str, float]
 
 
 class ProximalTerm:
@@ -32,63 +39,107 @@ class ProximalTerm:
         return 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in self.pairs)  # type: ignore[return-value]
 
 
+class TrainStep:
+    """One optimiser step on a batch's loss: adds the proximal term (FedProx), back-propagates and
+    steps. A task's epoch calls it once per batch; ``optimizer`` is exposed for schedules (e.g. a
+    per-epoch learning rate). The place where per-step hooks (fault injection) belong."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, prox: ProximalTerm) -> None:
+        self.optimizer = optimizer
+        self.prox = prox
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        """Optimise ``loss`` (+ the proximal term); return the loss that was optimised, detached."""
+        if self.prox:
+            loss = loss + self.prox()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """A task's plan for one round of local training (see :func:`run_local_epochs`).
+
+    * ``num_examples``: what the client reports (e.g. its training-split size);
+    * ``optimizer``: builds the optimiser for the model's parameters (on the device);
+    * ``epoch``: ``epoch(e, step)`` runs local epoch ``e`` (1-based), calling ``step(loss)`` once
+      per batch, and returns the epoch's metrics;
+    * ``finish``: ``finish(history)`` returns the metrics to report from the per-epoch ones (and may
+      restore other weights, e.g. the best epoch's); default: the last epoch's.
+    """
+
+    num_examples: int
+    optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+    epoch: Callable[[int, TrainStep], Metrics]
+    finish: Callable[[list[Metrics]], Metrics] | None = None
+
+
+def run_local_epochs(
+    model: nn.Module,
+    plan: LocalTraining,
+    info: TrainInfo,
+    device: torch.device,
+    callbacks: Sequence[TrainCallback] = (),
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+) -> Metrics:
+    """Run ``info.epochs`` local epochs of ``plan`` on ``model``; return the reported metrics.
+
+    With ``proximal_mu > 0`` every step adds FedProx's ``mu/2 * ||w - w_anchor||^2`` over the
+    parameters named in ``anchor`` (the weights received from the server this round). The
+    callbacks are always called: ``on_train_start`` before the first epoch, ``on_epoch_end`` after
+    each, ``on_train_end`` after ``plan.finish``.
+    """
+    model.to(device).train()
+    step = TrainStep(plan.optimizer(model.parameters()), ProximalTerm(model, anchor, proximal_mu, device))
+    for cb in callbacks:
+        cb.on_train_start(model, info)
+    history: list[Metrics] = []
+    for epoch in range(1, info.epochs + 1):
+        metrics = plan.epoch(epoch, step)
+        history.append(metrics)
+        for cb in callbacks:
+            cb.on_epoch_end(model, info, epoch, metrics)
+    result = plan.finish(history) if plan.finish is not None else dict(history[-1]) if history else {}
+    for cb in callbacks:
+        cb.on_train_end(model, info)
+    return result
+
+
+# ---------------------------------------------------------------- classification (brain_mri)
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images -> float in [-1, 1] on ``device``."""
     return x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
-def train_classifier(
-    model: nn.Module,
-    loader: DataLoader,
-    epochs: int,
-    lr: float,
-    device: torch.device,
-    info: TrainInfo,
-    callbacks: Sequence[TrainCallback] = (),
-    proximal_mu: float = 0.0,
-    anchor: Mapping[str, torch.Tensor] | None = None,
-    flip_generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Train with Adam and cross-entropy for ``epochs`` epochs; return last-epoch loss/accuracy.
-
-    With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_anchor||^2`` is added over the
-    parameters named in ``anchor`` (the weights received from the server this round).
-    ``flip_generator`` enables random left-right flips (seeded) as augmentation.
-    """
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)  # multi-tensor: faster on CPU too
+def classifier_epoch(
+    model: nn.Module, loader: DataLoader, device: torch.device, flip_generator: torch.Generator | None = None
+) -> Callable[[int, TrainStep], Metrics]:
+    """One epoch of cross-entropy classification over ``loader`` (uint8 images); returns the
+    epoch's mean loss and accuracy. ``flip_generator`` enables random left-right flips (seeded)."""
     loss_fn = nn.CrossEntropyLoss()
-    prox = ProximalTerm(model, anchor, proximal_mu, device)
-    for cb in callbacks:
-        cb.on_train_start(model, info)
-    metrics: dict[str, float] = {}
-    for epoch in range(1, epochs + 1):
+
+    def epoch(_: int, step: TrainStep) -> Metrics:
         total, correct, loss_sum = 0, 0, 0.0
         for xb, yb in loader:
             x, y = to_input(xb, device), yb.to(device)
             if flip_generator is not None:
                 flip = (torch.rand(len(x), generator=flip_generator) < 0.5).to(device)
                 x[flip] = x[flip].flip(-1)
-            opt.zero_grad(set_to_none=True)
             logits = model(x)
-            loss = loss_fn(logits, y)
-            if prox:
-                loss = loss + prox()
-            loss.backward()
-            opt.step()
+            loss = step(loss_fn(logits, y))
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
-        metrics = {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
-        for cb in callbacks:
-            cb.on_epoch_end(model, info, epoch, metrics)
-    for cb in callbacks:
-        cb.on_train_end(model, info)
-    return metrics
+            loss_sum += float(loss) * len(y)
+        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+
+    return epoch
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.device) -> Metrics:
     """Mean cross-entropy loss and accuracy over ``loader``."""
     model.to(device).eval()
     total, correct, loss_sum = 0, 0, 0.0

@@ -119,6 +119,8 @@ class AnatomicalCrossAttention(nn.Module):
             raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
         self.split = split
         # regions: (row along D, column along W); 0 = superior / macula, 1 = inferior / nerve
+        self.regions: tuple[tuple[int | None, int | None], ...]
+        pairs: tuple[tuple[int, int], ...]
         if split == "hemiretinal":
             self.regions = ((0, None), (1, None))
             pairs = ((0, 1), (1, 0))
@@ -263,7 +265,9 @@ class AICNet3D(nn.Module):
         if attention == "epa":
             a1, a2 = stage_shapes(shape)
             n1, n2 = a1[0] * a1[1] * a1[2], a2[0] * a2[1] * a2[2]
-            return EfficientPairedAttention(c, n1, heads=heads, attn_drop=drop), EfficientPairedAttention(c, n2, heads=heads, attn_drop=drop)
+            return EfficientPairedAttention(c, n1, heads=heads, attn_drop=drop), EfficientPairedAttention(
+                c, n2, heads=heads, attn_drop=drop
+            )
         if attention in SPLITS:
             return AnatomicalCrossAttention(c, attention, heads, drop), AnatomicalCrossAttention(c, attention, heads, drop)
         raise ValueError(f"unknown attention {attention!r}; valid choices: {', '.join(SPLITS)}, epa, None")

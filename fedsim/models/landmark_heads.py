@@ -45,6 +45,12 @@ from torch import nn
 ANCHOR_RADII = (0.5, 0.75, 1.0, 1.25)
 
 
+def _spatial(x: torch.Tensor) -> tuple[int, int, int]:
+    """The spatial size ``(X, Y, Z)`` of a ``(B, C, X, Y, Z)`` tensor."""
+    _, _, nx, ny, nz = x.shape
+    return nx, ny, nz
+
+
 def _grid_centres(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Cell centres in grid units, ``(3, gx, gy, gz)``."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
@@ -126,7 +132,7 @@ class AnchorHead(nn.Module):
         """Offset SmoothL1 + owner BCE + down-weighted other-landmark BCE + hard-negative BCE."""
         off, logits = self._split(out)
         b, a, num_l = logits.shape[:3]
-        owner, target = self.assign(landmarks, tuple(out.shape[2:]))
+        owner, target = self.assign(landmarks, _spatial(out))
         owner, target = owner.flatten(2), target.flatten(3)  # (B, A, G), (B, A, 3, G)
         off, logits = off.flatten(3), logits.flatten(3)  # (B, A, 3, G), (B, A, L, G)
         pos = owner >= 0
@@ -162,8 +168,8 @@ class AnchorHead(nn.Module):
         """Per landmark the score-weighted medoid of the ``topk`` highest-scoring anchors' positions:
         ``(B, L, 3)`` voxel coordinates."""
         off, logits = self._split(out)
-        b, a, num_l = logits.shape[:3]
-        grid = tuple(out.shape[2:])
+        b, _, num_l = logits.shape[:3]
+        grid = _spatial(out)
         centres = _grid_centres(grid, out.device, off.dtype).flatten(1)  # (3, G)
         r = self._radii(off)[None, :, None, None]
         pos = self.to_voxel(centres[None, None] + r * off.flatten(3))  # (B, A, 3, G)
@@ -208,7 +214,7 @@ class HeatmapHead(nn.Module):
 
     def loss(self, out: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """MSE weighted by ``1 + fg_weight * target`` (the landmark peaks are a tiny fraction of voxels)."""
-        t = gaussian_heatmaps(landmarks, tuple(out.shape[2:]), self.sigma)
+        t = gaussian_heatmaps(landmarks, _spatial(out), self.sigma)
         w = 1.0 + self.fg_weight * t
         return (w * (out - t) ** 2).sum() / w.sum()
 
@@ -216,7 +222,7 @@ class HeatmapHead(nn.Module):
     def decode(self, out: torch.Tensor) -> torch.Tensor:
         """Arg-max voxel of each map, refined per axis by fitting a parabola to the log-values at
         the peak and its two neighbours (exact for a Gaussian peak): ``(B, L, 3)`` voxel coordinates."""
-        b, num_l, *shape = out.shape
+        shape = out.shape[2:]
         flat = out.flatten(2).float()
         am = flat.argmax(-1)  # (B, L)
         peak = torch.stack([am // (shape[1] * shape[2]), (am // shape[2]) % shape[1], am % shape[2]], -1)  # (B, L, 3)

@@ -30,11 +30,7 @@ def shared_parameter_names(model_names: Iterable[str], build: Callable[[str], nn
     first = states[names[0]]
     if len(names) == 1:
         return [k for k, v in first.items() if v.is_floating_point()]
-    shared = [
-        k
-        for k, v in first.items()
-        if k.startswith("head.") and all(k in s and s[k].shape == v.shape for s in states.values())
-    ]
+    shared = [k for k, v in first.items() if k.startswith("head.") and all(k in s and s[k].shape == v.shape for s in states.values())]
     if not shared:
         raise ValueError(f"models {names} share no head parameters; every fedsim model must end in StandardHead")
     return shared

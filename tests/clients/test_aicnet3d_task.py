@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.clients.tasks import get_task
-from fedsim.clients.tasks.aicnet3d import (
-    AICNet3DOptions,
-    augment,
-    balance_indices,
-    stratified_split,
-)
 from fedsim.callbacks import TrainCallback
-from fedsim.metrics.classification import binary_metrics, roc_auc
+from fedsim.clients.tasks import get_task, resolve_config
+from fedsim.clients.tasks.aicnet3d import AICNet3DOptions, balance_indices
 from fedsim.config import ConfigError, RunConfig
-from fedsim.clients.tasks import resolve_config
+from fedsim.data.partition import stratified_split
+from fedsim.metrics.classification import binary_metrics, roc_auc
 
 
 def test_binary_metrics_against_a_hand_computed_confusion_matrix():
@@ -67,7 +62,7 @@ def test_defaults_models_and_option_validation():
         _cfg(task_options=(("finetune-rounds", "-1"),))
     with pytest.raises(ConfigError, match="consistency-weight must be in"):
         _cfg(task_options=(("consistency-weight", "2"),))
-    with pytest.raises(ValueError, match="unknown model .resnet50. for task .aicnet3d."):
+    with pytest.raises(ValueError, match=r"unknown model .resnet50. for task .aicnet3d."):
         _cfg(models=("resnet50",) * 3)
 
 
@@ -81,15 +76,15 @@ def test_finetune_rounds_select_the_last_rounds():
 def test_splits_are_disjoint_stratified_and_cover_the_cohort():
     task = get_task("aicnet3d")
     cfg = _cfg()
-    from fedsim.clients.tasks.aicnet3d import make_split
     from fedsim.data.synthetic_oct import cohort_labels
 
     labels = cohort_labels(cfg.num_samples)
-    split = make_split(cfg, labels, 0.2)
+    assert np.array_equal(task.strata(cfg, ""), labels)
+    split = task.make_split(cfg, labels)  # val-fraction 0.2 (default)
     parts = [split.global_test] + [p for c in split.clients for p in c]
     allidx = np.concatenate(parts)
     assert len(allidx) == len(set(allidx.tolist())) == cfg.num_samples
-    for tr, va, te in split.clients:
+    for _, va, te in split.clients:
         assert set(labels[te]) == {0, 1} and set(labels[va]) == {0, 1}  # stratified
     assert task.check_data(cfg) == [len(tr) + len(va) + len(te) for tr, va, te in split.clients]
 
@@ -100,15 +95,6 @@ def test_stratified_split_and_balancing():
     assert sorted(labels[held].tolist()) == [0, 0, 1] and len(rest) == 7
     bal = balance_indices(np.arange(10), labels, np.random.default_rng(0))
     assert np.bincount(labels[bal]).tolist() == [4, 4] and set(np.flatnonzero(labels == 1)) <= set(bal.tolist())
-
-
-def test_augmentation_is_seeded_keeps_shape_and_range():
-    x = torch.rand(3, 1, 8, 12, 7)
-    a = augment(x, torch.Generator().manual_seed(5))
-    b = augment(x, torch.Generator().manual_seed(5))
-    c = augment(x, torch.Generator().manual_seed(6))
-    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
-    assert a.min() >= 0 and a.max() <= 1
 
 
 class _Recorder(TrainCallback):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.clients.tasks import get_task
-from fedsim.clients.tasks.h3denet import H3DENetTask, crop_shape, make_split
 from fedsim.callbacks import TrainCallback
+from fedsim.clients.tasks import get_task, resolve_config
+from fedsim.clients.tasks.h3denet import H3DENetTask, crop_shape
 from fedsim.config import ConfigError, RunConfig
-from fedsim.clients.tasks import resolve_config
 from fedsim.models.h3denet import WIDTHS
 from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.models.sharing import shared_parameter_names
@@ -60,10 +59,8 @@ def test_every_model_is_shared_whole_and_the_paper_widths_build(name):
 def test_splits_are_disjoint_cover_the_cohort_and_spread_incomplete_cases():
     task = get_task("h3denet")
     cfg = _cfg(num_samples=40)
-    from fedsim.clients.tasks.h3denet import _incomplete
-
-    strata = _incomplete(cfg, "")
-    split = make_split(cfg, strata)
+    strata = task.strata(cfg, "")
+    split = task.make_split(cfg, strata)
     parts = [split.global_test] + [p for c in split.clients for p in c]
     allidx = np.concatenate(parts)
     assert len(allidx) == len(set(allidx.tolist())) == 40
@@ -123,7 +120,7 @@ def test_evaluation_measures_errors_with_the_resampled_spacing():
     """One voxel off along x costs the *resampled* x spacing: spacing_x * native_x / round(zoom * crop_x)."""
     task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
     cfg = _cfg(num_samples=12)
-    _, test_idx = task._client_indices(cfg, 0, None)
+    _, (_, test_idx) = task.client_split(cfg, 0)
     cases = task.cases(cfg, test_idx)
     model = _Oracle(task.build_model("h3denet", cfg))
     from fedsim.data.landmark_crop import prepare_case
@@ -166,7 +163,7 @@ def test_real_layout_folder_trains_and_evaluates_at_the_working_size(tmp_path):
         write_ct_case(tmp_path, f"case{i:02d}", hu, c.landmarks, c.spacing)
     task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
     cfg = _cfg(local_epochs=1)
-    train_idx, test_idx = task._client_indices(cfg, 0, str(tmp_path))
+    _, (train_idx, test_idx) = task.client_split(cfg, 0, str(tmp_path))
     assert len(train_idx) + len(test_idx) == 6 and len(test_idx) >= 1
     cases = task.cases(cfg, np.arange(6), str(tmp_path))
     original = generate_case(1, (90, 70, 44), seed=3)  # case 1 is incomplete
@@ -191,4 +188,6 @@ def test_a_wrong_landmark_count_is_refused_before_training(tmp_path):
         write_ct_case(tmp_path, f"c{i}", np.zeros((8, 8, 8), np.float32), np.full((13, 3), 4.0), np.ones(3))
     with pytest.raises(CTDataError, match=r"c0_label\.npy has 13 landmarks; expected 14"):
         get_task("h3denet").check_data(_cfg(data_dir=str(tmp_path)))
-    assert get_task("h3denet").check_data(_cfg(data_dir=str(tmp_path), clients=1, task_options=(("num-landmarks", "13"),))) == [2]  # 1 of 3 is the global test set
+    assert get_task("h3denet").check_data(_cfg(data_dir=str(tmp_path), clients=1, task_options=(("num-landmarks", "13"),))) == [
+        2
+    ]  # 1 of 3 is the global test set

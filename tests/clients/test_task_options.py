@@ -4,7 +4,6 @@ import pytest
 
 from fedsim.clients.tasks import resolve_config
 from fedsim.config import ConfigError, RunConfig, parse_key_values, parse_options
-from fedsim.clients.tasks import resolve_config
 
 
 @dataclass(frozen=True)

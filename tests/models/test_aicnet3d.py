@@ -43,7 +43,7 @@ def _reference_attend(block: AnatomicalCrossAttention, x: torch.Tensor) -> torch
     """Independent reference: gather each region's tokens with explicit index lists (numpy),
     run the block's own LayerNorms / attention modules, and scatter the outputs to the *query*
     region's voxel coordinates; overlapping voxels (odd sizes) get the mean."""
-    b, c, d, h, w = x.shape
+    _, _, d, h, w = x.shape
     hd, hw = (d + 1) // 2, (w + 1) // 2
     rows = {0: np.arange(0, hd), 1: np.arange(d - hd, d), None: np.arange(d)}
     cols = {0: np.arange(0, hw), 1: np.arange(w - hw, w), None: np.arange(w)}
@@ -51,13 +51,13 @@ def _reference_attend(block: AnatomicalCrossAttention, x: torch.Tensor) -> torch
     for r, col in block.regions:
         dd, hh, ww = np.meshgrid(rows[r], np.arange(h), cols[col], indexing="ij")
         coords.append((dd.ravel(), hh.ravel(), ww.ravel()))
-    tokens = [norm(x[:, :, dd, hh, ww].transpose(1, 2)) for norm, (dd, hh, ww) in zip(block.norms, coords)]
+    tokens = [norm(x[:, :, dd, hh, ww].transpose(1, 2)) for norm, (dd, hh, ww) in zip(block.norms, coords, strict=True)]
     out = torch.zeros_like(x)
     count = torch.zeros(d, h, w)
     summed = [torch.zeros_like(t) for t in tokens]
-    for (qa, kb), attn in zip(block.pairs, block.attn):
+    for (qa, kb), attn in zip(block.pairs, block.attn, strict=True):
         summed[qa] = summed[qa] + attn(tokens[qa], tokens[kb])
-    for (dd, hh, ww), s in zip(coords, summed):
+    for (dd, hh, ww), s in zip(coords, summed, strict=True):
         for n in range(len(dd)):
             out[:, :, dd[n], hh[n], ww[n]] += s[:, n, :]
             count[dd[n], hh[n], ww[n]] += 1
@@ -91,7 +91,7 @@ def test_permuted_placement_would_be_caught():
         ours = block.attend(x)
         b, c, d, h, w = x.shape
         crops = [x[..., :3], x[..., 3:]]
-        toks = [n(t.flatten(2).transpose(1, 2)) for n, t in zip(block.norms, crops)]
+        toks = [n(t.flatten(2).transpose(1, 2)) for n, t in zip(block.norms, crops, strict=True)]
         outs = [block.attn[0](toks[0], toks[1]), block.attn[1](toks[1], toks[0])]
         permuted = torch.cat(outs, dim=1).reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
     assert not torch.allclose(ours, permuted, atol=1e-4)

@@ -33,11 +33,13 @@ def test_3d_models_build_through_the_registry():
 
 
 def test_unknown_name_bad_config_key_and_unknown_size_are_clear_errors():
-    with pytest.raises(UnknownNameError, match="unknown model 'resnet18'; valid choices: aicnet3d_epa, .*small_cnn, unet3d"):
+    with pytest.raises(UnknownNameError, match=r"unknown model 'resnet18'; valid choices: aicnet3d_epa, .*small_cnn, unet3d"):
         build_model("resnet18")
-    with pytest.raises(ConfigError, match="model 'resnet50' takes no config key 'input_shape'; valid keys: num_classes, in_channels, spatial_dims"):
+    with pytest.raises(
+        ConfigError, match=r"model 'resnet50' takes no config key 'input_shape'; valid keys: num_classes, in_channels, spatial_dims"
+    ):
         build_model("resnet50", input_shape=(16, 24, 14))
-    with pytest.raises(ConfigError, match="unknown size 'huge'.*valid choices: tiny, quick, paper"):
+    with pytest.raises(ConfigError, match=r"unknown size 'huge'.*valid choices: tiny, quick, paper"):
         build_model("h3denet", size="huge")
 
 
@@ -49,7 +51,7 @@ def test_registration_is_one_decorator_and_duplicates_are_an_error():
     try:
         assert list_models(task="_test_task") == ["_test_linear"]
         assert build_model("_test_linear", width=3).in_features == 3
-        with pytest.raises(ConfigError, match="needs the config key.*'width'"):
+        with pytest.raises(ConfigError, match=r"needs the config key.*'width'"):
             build_model("_test_linear")
         with pytest.raises(ValueError, match="model 'resnet50' is already registered"):
             register_model("resnet50")(build)
@@ -89,7 +91,7 @@ def test_forward_3d_tiny_inputs(name):
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121"])
 def test_torchvision_backbones_refuse_3d_with_clear_error(name):
-    with pytest.raises(ValueError, match="2D torchvision backbone.*alexnet_skip"):
+    with pytest.raises(ValueError, match=r"2D torchvision backbone.*alexnet_skip"):
         build_model(name, spatial_dims=3)
 
 
@@ -120,7 +122,7 @@ def test_local_weights_file_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         build_model("small_cnn", weights=tmp_path / "missing.pt")
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="no tensor .* matches"):
+    with pytest.raises(ValueError, match=r"no tensor .* matches"):
         build_model("small_cnn", weights=tmp_path / "other.pt")
 
 

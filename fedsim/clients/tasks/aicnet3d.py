@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,24 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim._logging import logger
+from fedsim.clients.tasks.base import LocalResult
 from fedsim.clients.tasks.registry import register_task
-from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.callbacks import TrainCallback, TrainInfo
-from fedsim.clients.training import ProximalTerm
+from fedsim.clients.tasks.scaffold import CohortTask
+from fedsim.clients.training import LocalTraining, Metrics, TrainStep
 from fedsim.config import ConfigError, Profile, ResolvedConfig
+from fedsim.data.augment import augment_oct
+from fedsim.data.partition import stratified_split
+from fedsim.data.synthetic_oct import CLASS_NAMES, VolumeFiles, cohort_labels, generate_volumes, load_volumes, scan_oct_folder, volume_shape
 from fedsim.metrics.classification import binary_metrics
-from fedsim.data.partition import PartitionParams, partition, stratified_split
-from fedsim.data.synthetic_oct import (
-    CLASS_NAMES,
-    VolumeFiles,
-    cohort_labels,
-    generate_volumes,
-    load_volumes,
-    scan_oct_folder,
-    volume_shape,
-)
-from fedsim.models import build_model
 from fedsim.models.aicnet3d import DEFAULT_MODEL, AICNet3D, care_map, consistency_loss, gradcam_map
+from fedsim.rundir import RunDir
 
 #: ``image_size`` = number of B-scans D (volume D x 1.5D x 0.875D, see :func:`volume_shape`).
 PROFILES: dict[str, Profile] = {
@@ -108,42 +100,6 @@ class AICNet3DOptions:
 
 
 # ---------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Split:
-    """Cohort indices: global test set and each client's (train, validation, test)."""
-
-    global_test: np.ndarray
-    clients: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
-
-
-def make_split(cfg: ResolvedConfig, labels: np.ndarray, val_fraction: float | None) -> Split:
-    n = len(labels)
-    perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
-    n_global = max(2, round(cfg.global_test_fraction * n))
-    global_test, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
-    try:
-        parts = partition(cfg.partition, labels[pool], cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
-    except ValueError as exc:
-        raise ConfigError(f"cannot partition {len(pool)} training volumes among {cfg.clients} clients: {exc}") from exc
-    clients = []
-    for k, p in enumerate(parts):
-        clients.append(_client_split(cfg, pool[p], labels, val_fraction, f"client {k}"))
-    return Split(global_test, tuple(clients))
-
-
-def _client_split(cfg: ResolvedConfig, idx: np.ndarray, labels: np.ndarray, val_fraction: float | None, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    need = 4 if val_fraction else 3
-    if len(idx) < need:
-        raise ConfigError(f"{who} gets only {len(idx)} volumes; need at least {need} (use fewer clients or more samples)")
-    train, test = stratified_split(idx, labels, cfg.local_test_fraction, cfg.seed)
-    val = np.zeros(0, np.int64)
-    if val_fraction:
-        train, val = stratified_split(train, labels, val_fraction, cfg.seed + 17)
-    if len(train) < 2 or len(test) < 1:
-        raise ConfigError(f"{who}'s {len(idx)} volumes are too few for train/test splits; use more samples")
-    return train, val, test
-
-
 def task_shape(cfg: ResolvedConfig) -> tuple[int, int, int]:
     return volume_shape(cfg.image_size)
 
@@ -172,50 +128,11 @@ def volumes(cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -
     return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx))
 
 
-def cohort_labels_for(cfg: ResolvedConfig, data_dir: str | None = None) -> np.ndarray:
-    """Labels of the whole cohort (cheap: no volume is decoded or generated)."""
-    d = cfg.data_dir if data_dir is None else data_dir
-    if d:
-        return _scan(d).labels
-    return cohort_labels(cfg.num_samples)
-
-
-def _seed(seed: int, server_round: int, partition_id: int) -> int:
-    return int(np.random.default_rng([seed, server_round, partition_id]).integers(2**31))
-
-
 def balance_indices(idx: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Subsample every class down to the smallest class's count (classes balanced, paper 3.5)."""
     classes = [idx[labels[idx] == c] for c in np.unique(labels[idx])]
     m = min(len(c) for c in classes)
     return np.sort(np.concatenate([rng.choice(c, m, replace=False) for c in classes]))
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The paper's augmentation on a batch ``(B, 1, D, H, W)`` of intensities in [0, 1]; each
-    transform is applied with p = 0.5, parameters drawn from ``gen`` (reproducible)."""
-    out = []
-    shape = x.shape[2:]
-    for v in x:
-        r = torch.rand(11, generator=gen)
-        if r[0] < 0.5:  # brightness
-            v = v + (r[1] - 0.5) * 0.2
-        if r[2] < 0.5:  # contrast around the mean
-            v = (v - v.mean()) * (0.75 + 0.5 * r[3]) + v.mean()
-        if r[4] < 0.5:  # gamma
-            v = v.clamp(0, 1) ** (0.7 + 0.8 * r[5])
-        if r[6] < 0.5:  # zoom 1-1.25, then a random crop back to the original size
-            s = 1.0 + 0.25 * float(r[7])
-            big = [max(n, math.ceil(n * s)) for n in shape]
-            v = F.interpolate(v[None], size=big, mode="trilinear", align_corners=False)[0]
-            off = [int(torch.randint(0, b - n + 1, (1,), generator=gen)) for b, n in zip(big, shape, strict=True)]
-            v = v[:, off[0] : off[0] + shape[0], off[1] : off[1] + shape[1], off[2] : off[2] + shape[2]]
-        if r[8] < 0.5:  # lateral flip (macula <-> nerve side, like a fellow eye)
-            v = v.flip(-1)
-        if r[9] < 0.5:  # superior <-> inferior flip
-            v = v.flip(-3)
-        out.append(v.clamp(0, 1))
-    return torch.stack(out)
 
 
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -236,9 +153,25 @@ def _bce(logits: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | Non
     return loss.mean()
 
 
+@dataclass(frozen=True)
+class SaliencyExample:
+    """CARE and Grad-CAM of the final global model on one global-test volume, for
+    :class:`fedsim.analysis.task_figures.SaliencyOverlayDisplay`.
+
+    ``volume`` is ``(D, H, W)`` in [0, 1]; ``maps`` holds each map upsampled (trilinear) to the
+    volume, in [0, 1]; ``probability`` is P(glaucoma).
+    """
+
+    index: int
+    label: str
+    probability: float
+    volume: np.ndarray
+    maps: dict[str, np.ndarray]
+
+
 # ---------------------------------------------------------------- the task
 @register_task("aicnet3d")
-class AICNet3DTask(Task):
+class AICNet3DTask(CohortTask):
     """3D OCT glaucoma classification with AI-CNet3D; every client and the server use one
     variant (``--models``), so the whole model (incl. BatchNorm statistics) is aggregated."""
 
@@ -251,52 +184,57 @@ class AICNet3DTask(Task):
     # too small to be informative.
     cme_layers = ("conv5.0.weight",)
     options_type = AICNet3DOptions
+    unit = "volumes"
+    min_global_test = 2
 
-    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
-        return build_model(name, input_shape=task_shape(cfg))
+    def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
+        return {"input_shape": task_shape(cfg)}
+
+    def check_config(self, cfg: ResolvedConfig) -> None:
+        if cfg.image_size < 16:
+            raise ConfigError(f"image_size (B-scans) must be >= 16 for aicnet3d, got {cfg.image_size}")
+
+    def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
+        """Class labels of the whole cohort (cheap: no volume is decoded or generated)."""
+        if data_dir:
+            return _scan(data_dir).labels
+        return cohort_labels(cfg.num_samples)
 
     def _val_fraction(self, cfg: ResolvedConfig) -> float | None:
         opts: AICNet3DOptions = self.options(cfg)
         return opts.val_fraction if opts.early_stopping else None
 
-    def check_data(self, cfg: ResolvedConfig) -> list[int]:
-        if cfg.image_size is not None and cfg.image_size < 16:
-            raise ConfigError(f"image_size (B-scans) must be >= 16 for aicnet3d, got {cfg.image_size}")
-        split = make_split(cfg, cohort_labels_for(cfg), self._val_fraction(cfg))
-        return [len(tr) + len(va) + len(te) for tr, va, te in split.clients]
-
-    def _client_indices(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Cohort labels and this client's (train, validation, test) cohort indices."""
-        labels = cohort_labels_for(cfg, data_dir)
-        vf = self._val_fraction(cfg)
-        if data_dir:  # node-local folder: all of it belongs to this client
-            tr, va, te = _client_split(cfg, np.arange(len(labels)), labels, vf, f"node data folder {data_dir}")
-        else:
-            tr, va, te = make_split(cfg, labels, vf).clients[partition_id]
-        return labels, tr, va, te
+    def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:
+        """``(train, validation, test)``, stratified by class; the validation part is empty
+        without early stopping."""
+        val_fraction = self._val_fraction(cfg)
+        need = 4 if val_fraction else 3
+        if len(idx) < need:
+            raise ConfigError(f"{who} gets only {len(idx)} volumes; need at least {need} (use fewer clients or more samples)")
+        train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
+        val = np.zeros(0, np.int64)
+        if val_fraction:
+            train, val = stratified_split(train, strata, val_fraction, cfg.seed + 17)
+        if len(train) < 2 or len(test) < 1:
+            raise ConfigError(f"{who}'s {len(idx)} volumes are too few for train/test splits; use more samples")
+        return train, val, test
 
     def stage(self, cfg: ResolvedConfig, server_round: int) -> int:
         """1 (BCE) or 2 (consistency fine-tuning) for ``server_round`` (the last k rounds are stage 2)."""
         opts: AICNet3DOptions = self.options(cfg)
         return 2 if opts.finetune_rounds and server_round > cfg.rounds - opts.finetune_rounds else 1
 
-    def train(
-        self,
-        model: nn.Module,
-        cfg: ResolvedConfig,
-        partition_id: int,
-        server_round: int,
-        device: torch.device,
-        callbacks: Sequence[TrainCallback] = (),
-        proximal_mu: float = 0.0,
-        data_dir: str | None = None,
-        anchor: dict[str, torch.Tensor] | None = None,
-    ) -> LocalResult:
-        assert isinstance(model, AICNet3D)
+    def local_training(
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
+    ) -> LocalTraining:
+        """NAdam on the (balanced, augmented) training volumes; stage-2 rounds add the consistency
+        loss; with a validation split the best local epoch is kept (see the module docstring)."""
+        if not isinstance(model, AICNet3D):
+            raise TypeError(f"aicnet3d trains AICNet3D models, got {type(model).__name__}")
         opts: AICNet3DOptions = self.options(cfg)
-        labels, train_idx, val_idx, _ = self._client_indices(cfg, partition_id, data_dir)
+        labels, (train_idx, val_idx, _) = self.client_split(cfg, partition_id, data_dir)
         x_all, y_all = torch.from_numpy(volumes(cfg, train_idx, data_dir)), torch.from_numpy(labels[train_idx])
-        seed = _seed(cfg.seed, server_round, partition_id)
+        seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)  # dropout
         rng = np.random.default_rng(seed)
         pos = np.arange(len(train_idx))  # positions in this client's training volumes
@@ -308,21 +246,12 @@ class AICNet3DTask(Task):
         w = opts.consistency_weight if stage == 2 else 0.0
         shuffle_gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator().manual_seed(seed + 1)
+        best: list[tuple[float, int, dict[str, torch.Tensor]]] = []  # the best epoch so far, on validation loss
 
-        model.to(device).train()
-        opt = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
-        prox = ProximalTerm(model, anchor, proximal_mu, device)
-        info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
-        for cb in callbacks:
-            cb.on_train_start(model, info)
-        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-        history: list[dict[str, float]] = []
-        n = len(pos)
-        bs = cfg.batch_size
-        for epoch in range(1, cfg.local_epochs + 1):
+        def epoch(e: int, step: TrainStep) -> Metrics:
             model.train()
-            order = pos[torch.randperm(n, generator=shuffle_gen).numpy()]
-            batches = [order[i : i + bs] for i in range(0, n, bs)]
+            order = pos[torch.randperm(len(pos), generator=shuffle_gen).numpy()]
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(pos), cfg.batch_size)]
             if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one volume
                 batches = batches[:-1]
             loss_sum = cons_sum = 0.0
@@ -332,20 +261,15 @@ class AICNet3DTask(Task):
             for b in batches:
                 x = to_input(x_all[b], device)
                 if opts.augment:
-                    x = augment(x.cpu(), aug_gen).to(device)
+                    x = augment_oct(x.cpu(), aug_gen).to(device)
                 y = y_all[b].to(device)
-                opt.zero_grad(set_to_none=True)
                 out = model.forward_features(_scale(x))
                 loss = _bce(out.logits, y, class_weight)
                 if w > 0:
                     cons = consistency_loss(gradcam_map(out.logits, out.gradcam_features), care_map(out.care_features))
                     loss = (1 - w) * loss + w * cons
                     cons_sum += float(cons.detach()) * len(b)
-                if prox:
-                    loss = loss + prox()
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(b)
+                loss_sum += float(step(loss)) * len(b)
                 total += len(b)
                 seen_y.append(y.cpu().numpy())
                 seen_p.append(out.logits.detach().softmax(1)[:, 1].cpu().numpy())
@@ -357,20 +281,20 @@ class AICNet3DTask(Task):
             if len(val_idx):
                 val_loss = self._evaluate(model, volumes(cfg, val_idx, data_dir), labels[val_idx], device, cfg)["loss"]
                 metrics["val-loss"] = val_loss
-                if best is None or val_loss < best[0]:
-                    best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-            history.append(metrics)
-            for cb in callbacks:
-                cb.on_epoch_end(model, info, epoch, metrics)
-        result = dict(history[-1])
-        if best is not None and opts.early_stopping:
-            model.load_state_dict(best[2])
-            result = dict(history[best[1] - 1])
-            result["best-epoch"] = float(best[1])
-        result["stage"] = float(stage)
-        for cb in callbacks:
-            cb.on_train_end(model, info)
-        return LocalResult(len(pos), result)
+                if not best or val_loss < best[0][0]:
+                    best[:] = [(val_loss, e, copy.deepcopy(model.state_dict()))]
+            return metrics
+
+        def finish(history: list[Metrics]) -> Metrics:
+            result = dict(history[-1])
+            if best and opts.early_stopping:
+                model.load_state_dict(best[0][2])
+                result = dict(history[best[0][1] - 1])
+                result["best-epoch"] = float(best[0][1])
+            result["stage"] = float(stage)
+            return result
+
+        return LocalTraining(len(pos), lambda params: torch.optim.NAdam(params, lr=cfg.lr), epoch, finish)
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, vols: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> np.ndarray:
@@ -381,7 +305,7 @@ class AICNet3DTask(Task):
         out = [model(_scale(to_input(x[i : i + bs], device))).float().cpu() for i in range(0, len(vols), bs)]
         return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
-    def _evaluate(self, model: nn.Module, vols: np.ndarray, labels: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module, vols: np.ndarray, labels: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> Metrics:
         was_training = model.training
         logits = torch.from_numpy(self._predict(model, vols, device, cfg))
         y = torch.from_numpy(labels)
@@ -394,64 +318,38 @@ class AICNet3DTask(Task):
     def evaluate_local(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
-        labels, _, _, test_idx = self._client_indices(cfg, partition_id, data_dir)
+        labels, (_, _, test_idx) = self.client_split(cfg, partition_id, data_dir)
         return LocalResult(len(test_idx), self._evaluate(model, volumes(cfg, test_idx, data_dir), labels[test_idx], device, cfg))
 
     def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
-        labels = cohort_labels_for(cfg)
-        idx = make_split(cfg, labels, self._val_fraction(cfg)).global_test
+        labels, idx = self.global_test(cfg)
         return LocalResult(len(idx), self._evaluate(model, volumes(cfg, idx), labels[idx], device, cfg))
 
     # ------------------------------------------------------------ figures
-    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path, num_volumes: int = 4) -> list[Path]:
+    def figure_arrays(self, run_dir: Path, cfg: ResolvedConfig, num_volumes: int = 4) -> list[SaliencyExample]:
         """CARE and Grad-CAM of the final global model on a few global-test volumes (both classes
-        when possible): per volume, the central B-scan and an en-face projection (mean over depth)
-        with each map (upsampled to the volume, trilinear) overlaid."""
-        import matplotlib.pyplot as plt
-
-        from fedsim.rundir import RunDir
-
+        when possible), each map upsampled to its volume (trilinear)."""
         params = RunDir(run_dir).load_params()
         model = self.build_model(cfg.server_model or DEFAULT_MODEL, cfg)
-        state = {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
-        model.load_state_dict(state, strict=False)
+        if not isinstance(model, AICNet3D):
+            raise TypeError(f"aicnet3d figures need an AICNet3D model, got {type(model).__name__}")
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
         model.eval()
-        labels = cohort_labels_for(cfg)
-        idx = make_split(cfg, labels, self._val_fraction(cfg)).global_test
+        labels, idx = self.global_test(cfg)
         chosen = [i for c in (1, 0) for i in idx[labels[idx] == c][: (num_volumes + 1) // 2]][:num_volumes]
         vols = volumes(cfg, np.asarray(chosen))
-        x = _scale(to_input(torch.from_numpy(vols), torch.device("cpu")))
-        out = model.forward_features(x)
-        gcam = gradcam_map(out.logits, out.gradcam_features).detach()
-        care = care_map(out.care_features).detach()
+        out = model.forward_features(_scale(to_input(torch.from_numpy(vols), torch.device("cpu"))))
+        maps = {"CARE": care_map(out.care_features).detach(), "Grad-CAM": gradcam_map(out.logits, out.gradcam_features).detach()}
+        up = {
+            k: F.interpolate(m[:, None], size=vols.shape[1:], mode="trilinear", align_corners=False)[:, 0].numpy() for k, m in maps.items()
+        }
         probs = out.logits.softmax(1)[:, 1].detach().numpy()
-        size = vols.shape[1:]
-        up = lambda m: F.interpolate(m[:, None], size=size, mode="trilinear", align_corners=False)[:, 0].numpy()  # noqa: E731
-        gcam_v, care_v = up(gcam), up(care)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for j, i in enumerate(chosen):
-            v = vols[j].astype(np.float32) / 255.0
-            mid = v.shape[0] // 2
-            fig, axes = plt.subplots(2, 2, figsize=(9, 7))
-            for col, (name, m) in enumerate((("CARE", care_v[j]), ("Grad-CAM", gcam_v[j]))):
-                axes[0, col].imshow(v[mid], cmap="gray", aspect="auto")
-                axes[0, col].imshow(m[mid], cmap="jet", alpha=0.4, vmin=0, vmax=1, aspect="auto")
-                axes[0, col].set_title(f"{name}: central B-scan (depth x lateral)")
-                axes[1, col].imshow(v.mean(1), cmap="gray", aspect="auto")
-                axes[1, col].imshow(m.max(1), cmap="jet", alpha=0.4, vmin=0, vmax=1, aspect="auto")
-                axes[1, col].set_title(f"{name}: en face (B-scan x lateral)")
-            for ax in axes.flat:
-                ax.set_xticks([])
-                ax.set_yticks([])
-            fig.suptitle(f"global-test volume {i}: {CLASS_NAMES[labels[i]]}, P(glaucoma) = {probs[j]:.2f}")
-            fig.tight_layout()
-            p = out_dir / f"aicnet3d_care_gradcam_{j}_{CLASS_NAMES[labels[i]]}.png"
-            fig.savefig(p, dpi=80)
-            plt.close(fig)
-            paths.append(p)
-        return paths
+        return [
+            SaliencyExample(
+                int(i), CLASS_NAMES[labels[i]], float(probs[j]), vols[j].astype(np.float32) / 255.0, {k: m[j] for k, m in up.items()}
+            )
+            for j, i in enumerate(chosen)
+        ]
 
 
-__all__ = ["PROFILES", "AICNet3DOptions", "AICNet3DTask"]
+__all__ = ["PROFILES", "AICNet3DOptions", "AICNet3DTask", "SaliencyExample", "balance_indices"]

@@ -1,8 +1,13 @@
 """The client-task interface: what a federated client trains, on which data, with which metrics.
 
-A task bundles its data source, its models, its local training loop and its evaluation. The
-ClientApp and ServerApp only talk to this interface, so a new task (e.g. a 3D one) is one file
-plus ``@register_task``.
+A task bundles its data source, its models (registered for it in :mod:`fedsim.models`), one epoch
+of its local training and its evaluation. The ClientApp and ServerApp only talk to this
+interface. :meth:`Task.train` is the same for every task: it runs the task's
+:class:`~fedsim.clients.training.LocalTraining` plan through the one local-epoch runner
+(:func:`~fedsim.clients.training.run_local_epochs`), which owns the callbacks, FedProx's proximal
+term and the optimiser step. Most tasks build on :class:`fedsim.clients.tasks.scaffold.CohortTask`
+(seeded cohort splits, per-round seeds, node-local data folders), so a new task is one file plus
+``@register_task``.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 import torch
 from torch import nn
 
+from fedsim.callbacks import TrainInfo
+from fedsim.clients.training import LocalTraining, run_local_epochs
 from fedsim.config import parse_options
-from fedsim.models import list_models
+from fedsim.models import build_model, list_models
 
 if TYPE_CHECKING:
     from fedsim.callbacks import TrainCallback
@@ -64,20 +71,21 @@ class Task(ABC):
         """The task's typed options for this run (an ``options_type`` instance, or ``None``)."""
         return parse_options(self.options_type, cfg.task_options, "task", self.name)
 
-    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path) -> list[Path]:
-        """Task-specific figures for ``fedsim analyze`` (e.g. attention maps, landmarks on slices),
-        drawn from the run's final global parameters; return the PNG paths written. Default: none."""
+    def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
+        """The keyword configuration :func:`fedsim.models.build_model` gets for this run."""
+        return {}
+
+    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
+        """Build the registered model ``name`` with this run's :meth:`model_config`."""
+        return build_model(name, **self.model_config(cfg))
+
+    def figure_arrays(self, run_dir: Path, cfg: ResolvedConfig) -> Sequence[Any]:
+        """Arrays for task-specific figures of ``fedsim analyze`` (e.g. attention maps, landmarks on
+        slices), computed from the run's final global parameters; each is drawn by its display
+        class in :mod:`fedsim.analysis.task_figures`. Default: none."""
         return []
 
-    @abstractmethod
-    def check_data(self, cfg: ResolvedConfig) -> list[int]:
-        """Validate the data source cheaply (no training, ideally no decoding) and return the
-        number of samples each client will get; raise a clear error otherwise."""
-
-    @abstractmethod
-    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module: ...
-
-    @abstractmethod
+    @final
     def train(
         self,
         model: nn.Module,
@@ -90,10 +98,27 @@ class Task(ABC):
         data_dir: str | None = None,
         anchor: dict[str, torch.Tensor] | None = None,
     ) -> LocalResult:
-        """Run ``cfg.local_epochs`` local epochs on the client's training split.
+        """Run ``cfg.local_epochs`` local epochs on the client's training split, through the one
+        local-epoch runner (every callback is called; see :func:`~fedsim.clients.training.run_local_epochs`).
 
         ``anchor`` holds the weights received from the server (for FedProx's proximal term).
         """
+        plan = self.local_training(model, cfg, partition_id, server_round, device, data_dir)
+        info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
+        metrics = run_local_epochs(model, plan, info, device, callbacks, proximal_mu=proximal_mu, anchor=anchor)
+        return LocalResult(plan.num_examples, metrics)
+
+    @abstractmethod
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
+        """Validate the data source cheaply (no training, ideally no decoding) and return the
+        number of samples each client will get; raise a clear error otherwise."""
+
+    @abstractmethod
+    def local_training(
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
+    ) -> LocalTraining:
+        """This round's local-training plan: the client's data, optimiser and one epoch (see
+        :class:`~fedsim.clients.training.LocalTraining`). ``data_dir`` is a node-local folder."""
 
     @abstractmethod
     def evaluate_local(

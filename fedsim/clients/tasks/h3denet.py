@@ -38,24 +38,25 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedsim._logging import logger
-from fedsim.metrics.landmarks import landmark_metrics, radial_errors
+from fedsim.clients.tasks.base import LocalResult
 from fedsim.clients.tasks.registry import register_task
-from fedsim.clients.tasks.base import LocalResult, Task
-from fedsim.callbacks import TrainCallback, TrainInfo
-from fedsim.clients.training import ProximalTerm
+from fedsim.clients.tasks.scaffold import CohortTask
+from fedsim.clients.training import LocalTraining, Metrics, TrainStep
 from fedsim.config import ConfigError, Profile, ResolvedConfig
 from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, prepare_case
-from fedsim.data.partition import PartitionParams, partition, stratified_split
+from fedsim.data.partition import stratified_split
 from fedsim.data.synthetic_ct import NUM_LANDMARKS, CTCase, generate_case, missing_landmarks
-from fedsim.models import build_model
+from fedsim.metrics.landmarks import landmark_metrics, radial_errors
 from fedsim.models.landmark_heads import LandmarkNet
+from fedsim.rundir import RunDir
 
 #: ``image_size`` = crop side ``s``; the crop is ``s x s x s/2``.
 PROFILES: dict[str, Profile] = {
@@ -67,6 +68,7 @@ PROFILES: dict[str, Profile] = {
 
 #: Synthetic cases are generated at this multiple of the crop, then zoomed into it.
 NATIVE_SCALE = 1.25
+
 
 @dataclass(frozen=True)
 class H3DENetOptions:
@@ -105,41 +107,6 @@ def crop_shape(image_size: int) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Split:
-    """Cohort indices: the global test set and each client's (train, test)."""
-
-    global_test: np.ndarray
-    clients: tuple[tuple[np.ndarray, np.ndarray], ...]
-
-
-def _incomplete(cfg: ResolvedConfig, data_dir: str, num_landmarks: int = NUM_LANDMARKS) -> np.ndarray:
-    """0/1 per cohort case: has at least one missing landmark (cheap: no volume is read). For a
-    real folder every label file is read (once per process) and checked for ``num_landmarks``, so
-    a wrong count is refused before any training."""
-    if data_dir:
-        return _real_strata(data_dir, num_landmarks)
-    return np.array([len(missing_landmarks(i, cfg.seed)) > 0 for i in range(cfg.num_samples)], np.int64)
-
-
-def _client_split(cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
-    if len(idx) < 2:
-        raise ConfigError(f"{who} gets only {len(idx)} cases; need at least 2 (use fewer clients or more samples)")
-    train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
-    if len(train) < 1 or len(test) < 1:
-        raise ConfigError(f"{who}'s {len(idx)} cases are too few for a train/test split; use more samples")
-    return train, test
-
-
-def make_split(cfg: ResolvedConfig, strata: np.ndarray) -> Split:
-    pool, global_test = stratified_split(np.arange(len(strata)), strata, cfg.global_test_fraction, cfg.seed + 101)
-    try:
-        parts = partition(cfg.partition, strata[pool], cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
-    except ValueError as exc:
-        raise ConfigError(f"cannot partition {len(pool)} training cases among {cfg.clients} clients: {exc}") from exc
-    return Split(global_test, tuple(_client_split(cfg, pool[p], strata, f"client {k}") for k, p in enumerate(parts)))
-
-
 @functools.lru_cache(maxsize=2)
 def _scan(data_dir: str) -> tuple[str, ...]:
     return tuple(scan_ct_folder(data_dir))
@@ -169,10 +136,6 @@ def _cases(data_dir: str, native: tuple[int, int, int], seed: int, indices: tupl
     return tuple(generate_case(i, native, seed) for i in indices)
 
 
-def _seed(seed: int, server_round: int, partition_id: int) -> int:
-    return int(np.random.default_rng([seed, server_round, partition_id, 3]).integers(2**31))
-
-
 def _stack(prepared: Sequence[PreparedCase], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Network input ``(B, 1, X, Y, Z)``, landmarks ``(B, L, 3)`` (NaN = missing), spacings ``(B, 3)``."""
     x = torch.from_numpy(np.stack([p.volume for p in prepared]))[:, None].to(device)
@@ -180,9 +143,23 @@ def _stack(prepared: Sequence[PreparedCase], device: torch.device) -> tuple[torc
     return x, lm, np.stack([p.spacing for p in prepared])
 
 
+@dataclass(frozen=True)
+class LandmarkExample:
+    """Predicted vs true landmarks of the final global model on one global-test case, for
+    :class:`fedsim.analysis.task_figures.LandmarkProjectionDisplay`: the prepared (evaluation)
+    ``volume`` ``(X, Y, Z)``, ``true`` and ``pred`` voxel coordinates ``(L, 3)`` (``true`` is NaN
+    for missing landmarks) and the radial ``errors`` in mm ``(L,)`` (NaN where missing)."""
+
+    case: int
+    volume: np.ndarray
+    true: np.ndarray
+    pred: np.ndarray
+    errors: np.ndarray
+
+
 # ---------------------------------------------------------------- the task
 @register_task("h3denet")
-class H3DENetTask(Task):
+class H3DENetTask(CohortTask):
     """3D CT landmark detection; every client and the server use one model (``--models``), so the
     whole model is aggregated."""
 
@@ -193,65 +170,69 @@ class H3DENetTask(Task):
     # the head's 1x1x1 convolution: (anchors * (3 + L)) x 64 for h3denet, next to the output
     cme_layers = ("head.conv.weight",)
     options_type = H3DENetOptions
+    unit = "cases"
+    seed_salt = (3,)
 
-    def build_model(self, name: str, cfg: ResolvedConfig) -> nn.Module:
+    def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
         opts: H3DENetOptions = self.options(cfg)
-        return build_model(name, size=cfg.profile, num_landmarks=opts.num_landmarks)
+        return {"size": cfg.profile, "num_landmarks": opts.num_landmarks}
 
-    def check_data(self, cfg: ResolvedConfig) -> list[int]:
+    def check_config(self, cfg: ResolvedConfig) -> None:
         if cfg.image_size % 64:
             raise ConfigError(
                 f"image_size must be a multiple of 64 for h3denet (crop s x s x s/2, every axis divisible by "
                 f"the encoder's stride 32), got {cfg.image_size}; e.g. 64 or 128"
             )
-        split = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks))
-        return [len(tr) + len(te) for tr, te in split.clients]
 
-    def _client_indices(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-        d = cfg.data_dir if data_dir is None else data_dir
-        strata = _incomplete(cfg, d, self.options(cfg).num_landmarks)
-        if data_dir:  # node-local folder: all of it belongs to this client
-            return _client_split(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
-        return make_split(cfg, strata).clients[partition_id]
+    def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
+        """0/1 per cohort case: has at least one missing landmark (cheap: no volume is read). For a
+        real folder every label file is read (once per process) and checked for ``num-landmarks``,
+        so a wrong count is refused before any training."""
+        opts: H3DENetOptions = self.options(cfg)
+        if data_dir:
+            return _real_strata(data_dir, opts.num_landmarks)
+        return np.array([len(missing_landmarks(i, cfg.seed)) > 0 for i in range(cfg.num_samples)], np.int64)
+
+    def hold_out_global(self, cfg: ResolvedConfig, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stratified by "has a missing landmark", so the global test set holds incomplete cases."""
+        pool, global_test = stratified_split(np.arange(len(strata)), strata, cfg.global_test_fraction, cfg.seed + 101)
+        return global_test, pool
+
+    def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:
+        """``(train, test)``, stratified by "has a missing landmark"."""
+        if len(idx) < 2:
+            raise ConfigError(f"{who} gets only {len(idx)} cases; need at least 2 (use fewer clients or more samples)")
+        train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
+        if len(train) < 1 or len(test) < 1:
+            raise ConfigError(f"{who}'s {len(idx)} cases are too few for a train/test split; use more samples")
+        return train, test
 
     def cases(self, cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> tuple[CTCase, ...]:
-        d = cfg.data_dir if data_dir is None else data_dir
-        native = tuple(round(NATIVE_SCALE * n) for n in crop_shape(cfg.image_size))
+        """The cases of cohort indices ``idx`` at the working size (1.25 x the crop)."""
+        crop = crop_shape(cfg.image_size)
+        native = (round(NATIVE_SCALE * crop[0]), round(NATIVE_SCALE * crop[1]), round(NATIVE_SCALE * crop[2]))
         opts: H3DENetOptions = self.options(cfg)
-        return _cases(d, native, cfg.seed, tuple(int(i) for i in idx), opts.num_landmarks)  # type: ignore[arg-type]
+        return _cases(self.data_source(cfg, data_dir), native, cfg.seed, tuple(int(i) for i in idx), opts.num_landmarks)
 
-    def train(
-        self,
-        model: nn.Module,
-        cfg: ResolvedConfig,
-        partition_id: int,
-        server_round: int,
-        device: torch.device,
-        callbacks: Sequence[TrainCallback] = (),
-        proximal_mu: float = 0.0,
-        data_dir: str | None = None,
-        anchor: dict[str, torch.Tensor] | None = None,
-    ) -> LocalResult:
-        assert isinstance(model, LandmarkNet)
+    def local_training(
+        self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
+    ) -> LocalTraining:
+        """Adam (betas 0.9/0.98, weight decay) with the learning rate decayed per federation
+        epoch, random zoom-out crops, the model's own loss; training MRE and SDR at 4 mm."""
+        if not isinstance(model, LandmarkNet):
+            raise TypeError(f"h3denet trains LandmarkNet models, got {type(model).__name__}")
         opts: H3DENetOptions = self.options(cfg)
-        train_idx, _ = self._client_indices(cfg, partition_id, data_dir)
+        _, (train_idx, _) = self.client_split(cfg, partition_id, data_dir)
         cases = self.cases(cfg, train_idx, data_dir)
         crop = crop_shape(cfg.image_size)
-        seed = _seed(cfg.seed, server_round, partition_id)
+        seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         first_epoch = (max(server_round, 1) - 1) * cfg.local_epochs
 
-        model.to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=opts.weight_decay)
-        prox = ProximalTerm(model, anchor, proximal_mu, device)
-        info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
-        for cb in callbacks:
-            cb.on_train_start(model, info)
-        metrics: dict[str, float] = {}
-        for epoch in range(1, cfg.local_epochs + 1):
-            lr = cfg.lr * opts.lr_decay ** (first_epoch + epoch - 1)
-            for g in opt.param_groups:
+        def epoch(e: int, step: TrainStep) -> Metrics:
+            lr = cfg.lr * opts.lr_decay ** (first_epoch + e - 1)
+            for g in step.optimizer.param_groups:
                 g["lr"] = lr
             order = rng.permutation(len(cases))
             loss_sum, errors = 0.0, []
@@ -261,28 +242,25 @@ class H3DENetTask(Task):
                     for c in (cases[j] for j in order[i : i + cfg.batch_size])
                 ]
                 x, lm, spacing = _stack(prepared, device)
-                opt.zero_grad(set_to_none=True)
                 out = model(x)
-                loss = model.loss(out, lm)
-                if prox:
-                    loss = loss + prox()
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(prepared)
+                loss_sum += float(step(model.loss(out, lm))) * len(prepared)
                 errors.append(radial_errors(model.decode(out.detach()).cpu().numpy(), lm.cpu().numpy(), spacing))
             m = landmark_metrics(np.concatenate(errors))
-            metrics = {"loss": loss_sum / len(cases), "mre": m["mre"], "sdr-4mm": m["sdr-4mm"], "lr": lr}
-            for cb in callbacks:
-                cb.on_epoch_end(model, info, epoch, metrics)
-        for cb in callbacks:
-            cb.on_train_end(model, info)
-        return LocalResult(len(cases), metrics)
+            return {"loss": loss_sum / len(cases), "mre": m["mre"], "sdr-4mm": m["sdr-4mm"], "lr": lr}
+
+        def optimizer(params: Any) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=opts.weight_decay)
+
+        return LocalTraining(len(cases), optimizer, epoch)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> tuple[list[PreparedCase], np.ndarray, float]:
+    def predict(
+        self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device
+    ) -> tuple[list[PreparedCase], np.ndarray, float]:
         """Evaluation-mode predictions: the prepared cases (``eval-zoom``, centred), predicted
         voxel coordinates ``(N, L, 3)`` in the prepared volumes, and the mean loss."""
-        assert isinstance(model, LandmarkNet)
+        if not isinstance(model, LandmarkNet):
+            raise TypeError(f"h3denet predicts with LandmarkNet models, got {type(model).__name__}")
         opts: H3DENetOptions = self.options(cfg)
         crop = crop_shape(cfg.image_size)
         was_training = model.training
@@ -297,7 +275,7 @@ class H3DENetTask(Task):
         model.train(was_training)
         return prepared, np.concatenate(preds), loss_sum / max(len(prepared), 1)
 
-    def _evaluate(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> Metrics:
         prepared, pred, loss = self.predict(model, cases, cfg, device)
         true = np.stack([p.landmarks for p in prepared])
         errors = radial_errors(pred, true, np.stack([p.spacing for p in prepared]))
@@ -306,59 +284,28 @@ class H3DENetTask(Task):
     def evaluate_local(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
-        _, test_idx = self._client_indices(cfg, partition_id, data_dir)
+        _, (_, test_idx) = self.client_split(cfg, partition_id, data_dir)
         return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device))
 
     def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
-        idx = make_split(cfg, _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks)).global_test
+        _, idx = self.global_test(cfg)
         return LocalResult(len(idx), self._evaluate(model, self.cases(cfg, idx), cfg, device))
 
     # ------------------------------------------------------------ figures
-    def analysis_figures(self, run_dir: Path, cfg: ResolvedConfig, out_dir: Path, num_cases: int = 4) -> list[Path]:
+    def figure_arrays(self, run_dir: Path, cfg: ResolvedConfig, num_cases: int = 4) -> list[LandmarkExample]:
         """Predicted vs true landmarks of the final global model on a few global-test cases
-        (incomplete ones first): per case the maximum-intensity projections along the three axes
-        with true landmarks (green circles), predictions (red crosses, joined to their truth) and
-        predictions of missing landmarks (grey crosses)."""
-        import matplotlib.pyplot as plt
-
-        from fedsim.rundir import RunDir
-
+        (incomplete ones first), in the prepared evaluation volumes, with their errors in mm."""
         params = RunDir(run_dir).load_params()
-        model = self.build_model(cfg.server_model or self.default_model, cfg)
+        model = self.build_model(cfg.server_model or self.default_model or "h3denet", cfg)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
-        strata = _incomplete(cfg, cfg.data_dir, self.options(cfg).num_landmarks)
-        idx = make_split(cfg, strata).global_test
+        strata, idx = self.global_test(cfg)
         chosen = [*idx[strata[idx] == 1][: num_cases // 2], *idx[strata[idx] == 0]][:num_cases]
         chosen += [i for i in idx if i not in chosen][: num_cases - len(chosen)]
         prepared, pred, _ = self.predict(model, self.cases(cfg, np.asarray(chosen)), cfg, torch.device("cpu"))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        views = (("axial (max over z)", 2, (0, 1)), ("coronal (max over y)", 1, (0, 2)), ("sagittal (max over x)", 0, (1, 2)))
-        paths = []
-        for j, case in enumerate(chosen):
-            p, t = pred[j], prepared[j].landmarks
-            err = radial_errors(p[None], t[None], prepared[j].spacing)[0]
-            fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
-            for ax, (title, axis, (a, b)) in zip(axes, views, strict=True):
-                ax.imshow(prepared[j].volume.max(axis).T, cmap="gray", origin="lower", aspect="auto")
-                ok = np.isfinite(t).all(1)
-                for k in np.flatnonzero(ok):
-                    ax.plot([t[k, a], p[k, a]], [t[k, b], p[k, b]], "y-", lw=0.8)
-                ax.scatter(t[ok, a], t[ok, b], s=40, facecolors="none", edgecolors="lime", label="true")
-                ax.scatter(p[ok, a], p[ok, b], s=30, c="red", marker="x", label="predicted")
-                if (~ok).any():
-                    ax.scatter(p[~ok, a], p[~ok, b], s=30, c="0.6", marker="x", label="predicted (truth missing)")
-                ax.set_title(title)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[0].legend(loc="lower right", fontsize=7)
-            fig.suptitle(f"global-test case {case}: MRE {np.nanmean(err):.2f} mm over {int(ok.sum())} landmarks ({int((~ok).sum())} missing)")
-            fig.tight_layout()
-            path = out_dir / f"h3denet_landmarks_{j}_case{case}.png"
-            fig.savefig(path, dpi=80)
-            plt.close(fig)
-            paths.append(path)
-        return paths
+        return [
+            LandmarkExample(int(case), p.volume, p.landmarks, pred[j], radial_errors(pred[j][None], p.landmarks[None], p.spacing)[0])
+            for j, (case, p) in enumerate(zip(chosen, prepared, strict=True))
+        ]
 
 
-__all__ = ["PROFILES", "H3DENetOptions", "H3DENetTask", "crop_shape", "make_split"]
+__all__ = ["PROFILES", "H3DENetOptions", "H3DENetTask", "LandmarkExample", "crop_shape"]

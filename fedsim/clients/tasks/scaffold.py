@@ -1,0 +1,117 @@
+"""The task scaffold: one seeded cohort split, per-round seeds and node-local data folders.
+
+Every fedsim task works on one cohort that is split once, by ``cfg.seed`` only:
+
+1. a global test set is held out for the server (:meth:`CohortTask.hold_out_global`: a seeded
+   random share by default, stratified where a task needs it);
+2. the rest is divided among the clients by the partitioner (``--partition``), balancing the
+   cohort's *strata* (class labels, or another per-sample group such as "has a missing landmark");
+3. every client splits its share into its parts (:meth:`CohortTask.split_client`: train / test,
+   or train / validation / test).
+
+A node started with its own ``data-dir`` (deployment) uses that whole folder as its share (step 3
+only). Seeds of a round's shuffling and augmentation come from ``(seed, round, client)``
+(:meth:`CohortTask.round_seed`, with a per-task salt). A task supplies its strata, its client
+split, its data, one epoch of training and its evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.clients.tasks.base import Task
+from fedsim.config import ConfigError, ResolvedConfig
+from fedsim.data.partition import PartitionParams, partition
+
+
+@dataclass(frozen=True)
+class CohortSplit:
+    """Cohort indices: the global test set and each client's parts (e.g. ``(train, test)``)."""
+
+    global_test: np.ndarray
+    clients: tuple[tuple[np.ndarray, ...], ...]
+
+
+class CohortTask(Task):
+    """A :class:`~fedsim.clients.tasks.base.Task` on one cohort split by seed (see the module docstring).
+
+    Class attributes:
+
+    * ``unit``: what a sample is called in messages (``"samples"``, ``"volumes"``, ``"cases"``);
+    * ``min_global_test``: the smallest global test set of the default hold-out;
+    * ``seed_salt``: extra entries of the per-round seed (tasks added later used one, so that their
+      streams differ from the older tasks'; kept so results stay the same).
+    """
+
+    unit: str = "samples"
+    min_global_test: int = 1
+    seed_salt: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------ what a task supplies
+    @abstractmethod
+    def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
+        """One integer per cohort sample (class label or another group) that partitioners and
+        stratified splits balance; cheap (no volume decoded or generated). ``data_dir`` is the
+        data folder (``""``: the synthetic cohort)."""
+
+    @abstractmethod
+    def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:
+        """Split one client's cohort indices ``idx`` into its parts (e.g. ``(train, test)``);
+        raise :class:`~fedsim.config.ConfigError` naming ``who`` when they are too few."""
+
+    def check_config(self, cfg: ResolvedConfig) -> None:
+        """Task-specific checks of the resolved config before the split (e.g. image sizes)."""
+
+    # ------------------------------------------------------------ the shared handling
+    def data_source(self, cfg: ResolvedConfig, data_dir: str | None = None) -> str:
+        """The folder to read: a node-local ``data_dir`` if given, else the run's (``""``: synthetic)."""
+        return cfg.data_dir if data_dir is None else data_dir
+
+    def round_seed(self, cfg: ResolvedConfig, server_round: int, partition_id: int) -> int:
+        """The seed of client ``partition_id``'s shuffling / augmentation in ``server_round``."""
+        return int(np.random.default_rng([cfg.seed, server_round, partition_id, *self.seed_salt]).integers(2**31))
+
+    def hold_out_global(self, cfg: ResolvedConfig, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(global test, pool)``: a seeded random ``global_test_fraction`` of the cohort (at least
+        ``min_global_test``) and the rest, both sorted."""
+        n = len(strata)
+        perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
+        n_global = max(self.min_global_test, round(cfg.global_test_fraction * n))
+        return np.sort(perm[:n_global]), np.sort(perm[n_global:])
+
+    def make_split(self, cfg: ResolvedConfig, strata: np.ndarray) -> CohortSplit:
+        """The seeded global-test / partition / client split of a cohort with these strata."""
+        global_test, pool = self.hold_out_global(cfg, strata)
+        params = PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions)
+        try:
+            parts = partition(cfg.partition, strata[pool], cfg.clients, cfg.seed, params)
+        except ValueError as exc:
+            raise ConfigError(f"cannot partition {len(pool)} training {self.unit} among {cfg.clients} clients: {exc}") from exc
+        return CohortSplit(global_test, tuple(self.split_client(cfg, pool[p], strata, f"client {k}") for k, p in enumerate(parts)))
+
+    def client_split(
+        self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None = None
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The cohort strata and client ``partition_id``'s parts; with a node-local ``data_dir``,
+        the whole folder is that client's share."""
+        strata = self.strata(cfg, self.data_source(cfg, data_dir))
+        if data_dir:
+            return strata, self.split_client(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
+        return strata, self.make_split(cfg, strata).clients[partition_id]
+
+    def global_test(self, cfg: ResolvedConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The cohort strata and the global test set's indices."""
+        strata = self.strata(cfg, cfg.data_dir)
+        return strata, self.make_split(cfg, strata).global_test
+
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
+        """Run :meth:`check_config` and the split (no data decoded); the samples per client."""
+        self.check_config(cfg)
+        split = self.make_split(cfg, self.strata(cfg, cfg.data_dir))
+        return [sum(len(p) for p in parts) for parts in split.clients]
+
+
+__all__ = ["CohortSplit", "CohortTask"]

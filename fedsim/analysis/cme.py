@@ -99,7 +99,7 @@ def correlation_map(cov: np.ndarray) -> np.ndarray:
 
 def map_similarity(a: np.ndarray, b: np.ndarray, diagonal: bool = False) -> float:
     """Pearson correlation of two maps over their strict upper triangles (``diagonal=True``: the
-    upper triangle with the diagonal, the statistic before fedsim 0.x), over entries finite in both:
+    upper triangle with the diagonal, fedsim's statistic before issue 10), over entries finite in both:
     1 = same pattern up to scale, ~0 = unrelated. Scale-free on purpose: CMEs shrink as training
     converges, but a stable *pattern* is what the paper reads as saturation."""
     if a.shape != b.shape:
@@ -582,9 +582,11 @@ def decide_verdict(
     usable = int((s.epochs >= min_epochs).sum())
     vband = s.acf_variation_head_band
     if usable < min_rounds:
+        lo, hi = (int(s.epochs.min()), int(s.epochs.max())) if len(s.epochs) else (0, 0)
+        epochs = f"{lo}" if lo == hi else f"{lo}-{hi}"
         return Verdict(UNDETERMINED, "rounds", float(usable), None,
                        f"needs >= {min_rounds} rounds with >= {min_epochs} local epochs; has {len(s.rounds)} rounds "
-                       f"with {int(s.epochs.min()) if len(s.epochs) else 0}-{int(s.epochs.max()) if len(s.epochs) else 0} local epochs")  # fmt: skip
+                       f"with {epochs} local epochs")  # fmt: skip
 
     mag = s.magnitude
     if np.all(np.nan_to_num(mag) == 0):

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0, help="seed of the null bands' permutations and draws (default: %(default)s)")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
+    _add_study_parser(sub)
     return parser
 
 
@@ -189,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_list()
         elif args.command == "analyze":
             _cmd_analyze(args)
+        elif args.command == "study":
+            _cmd_study(args)
         else:
             _cmd_run(_config_from_args(args))
     except (ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, FileNotFoundError) as exc:
@@ -205,6 +208,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def _add_study_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    st = sub.add_parser("study", help="run a validation study of many in-process federations (no Ray): tables of per-client scores")
+    st.add_argument("study", choices=["cme-validation"], help="which study: cme-validation (issue 10: CME statistics vs injected faults)")
+    st.add_argument("--size", default="default", choices=["tiny", "default"], help="tiny (tests, ~1 min) or default (<= 45 min on 2 cores)")
+    st.add_argument("--out", default="runs/cme-validation", help="output folder; a study there is resumed (default: %(default)s)")
+    st.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the size's, 10 for default)")
+    st.add_argument("--loo", choices=["none", "faulty", "full"], help="leave-one-out runs (default: faulty)")
+    st.add_argument("--workers", type=int, help="parallel processes (default: CPUs / threads)")
+    st.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    st.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; run nothing")
+
+
+def _cmd_study(args: argparse.Namespace) -> None:
+    import logging
+    import os
+
+    from fedsim._logging import enable_console_logging
+    from fedsim.study import cme_validation as cv
+
+    enable_console_logging()
+    logging.getLogger("fedsim.study").setLevel(logging.INFO)
+    size = cv.SIZES[args.size]
+    if args.seeds:
+        size = dataclasses.replace(size, seeds=tuple(range(args.seeds)))
+    if args.loo:
+        size = dataclasses.replace(size, loo=args.loo)
+    workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
+    plan = cv.plan_study(size)
+    minutes = cv.estimate_cpu_seconds(plan) / 60
+    print(f"fedsim: {size.name} study, {len(plan.jobs)} federations, ~{minutes / workers:.0f} min with {workers} workers (idle machine)")
+    if args.dry_run:
+        return
+    res = cv.run_study(args.out, size, workers=workers, threads=args.threads)
+    print(f"\nfedsim: {len(res.rows)} client rows in {res.out / 'clients.csv'}; AUROC per statistic in {res.out / 'auroc.csv'}")
 
 
 if __name__ == "__main__":

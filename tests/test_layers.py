@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedsim.clients",),
     ("fedsim.server", "fedsim.simulation"),
     ("fedsim.analysis",),
+    ("fedsim.study",),
     ("fedsim.cli", "fedsim.__main__"),
 ]
 

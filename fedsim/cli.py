@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
     run.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
                      help="task-specific option, repeatable (see 'fedsim list')")
+    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="CLIENT:KIND[:LEVEL]",
+                     help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge "
+                     "(e.g. 1:few-data:0.1; see docs/cme-validation.md)")
     cme = run.add_argument_group("CME recording (conversational memory elements, CME paper section 3.1)")
     cme.add_argument("--cme", action="store_true", help="record per-epoch CMEs (relative weight changes) for 'fedsim analyze'")
     cme.add_argument("--cme-layers", type=_names, default=(), help="name patterns of layers whose full CME matrix is archived (default: the task's, e.g. head.fc2.weight)")
@@ -93,6 +96,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     fields = {k: v for k, v in vars(args).items() if k != "command"}
     for key in OPTION_FIELDS:
         fields[key] = parse_key_values(fields.get(key, ()))
+    fields["faults"] = tuple(fields.get("faults", ()))
     return RunConfig(**fields)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from fedsim.faults import Fault, FaultSpecError, parse_faults
 from fedsim.registry import UnknownNameError
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ class RunConfig:
     cme_threshold: float = 1e-3
     cme_max_size: int = 256
     cme_biases: bool = False
+    faults: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().
@@ -150,6 +152,10 @@ class RunConfig:
                 f"--cme-threshold (run-config key cme-threshold) must be in the range 0 < threshold < 1 "
                 f"(default 1e-3), got {self.cme_threshold}: eq. 2 divides by the weight, so weights at or near 0 must be masked"
             )
+        try:
+            parse_faults(self.faults, self.clients)
+        except FaultSpecError as exc:
+            raise ConfigError(f"--fault: {exc}") from None
         _positive_int("cme_max_size", self.cme_max_size)
         if self.cme_max_size < 2:
             raise ConfigError(f"cme_max_size must be >= 2 (a covariance needs two rows), got {self.cme_max_size}")
@@ -160,6 +166,10 @@ class RunConfig:
     @property
     def scenario_spec(self) -> Scenario:
         return SCENARIOS[self.scenario]
+
+    def fault_specs(self) -> tuple[Fault, ...]:
+        """The injected faults (:mod:`fedsim.faults`), parsed from ``faults``."""
+        return parse_faults(self.faults, self.clients)
 
     def client_models(self) -> tuple[str, ...]:
         return self.models or self.scenario_spec.models_for(self.clients)
@@ -204,7 +214,7 @@ class RunConfig:
         """Inverse of :meth:`to_json_dict` (a run's ``config.json``); derived keys are ignored."""
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for k in ("fractions", "models", "cme_layers"):
+        for k in ("fractions", "models", "cme_layers", "faults"):
             if k in kwargs:
                 kwargs[k] = tuple(kwargs[k])
         for k in OPTION_FIELDS:
@@ -231,7 +241,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         return None
     if f.name in OPTION_FIELDS:
         return parse_key_values(value)
-    if f.name in ("fractions", "models", "cme_layers"):
+    if f.name in ("fractions", "models", "cme_layers", "faults"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         conv = float if f.name == "fractions" else str

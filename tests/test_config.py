@@ -107,3 +107,25 @@ def test_cli_reports_bad_3d_data_folders_without_a_traceback(task, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("fedsim: error: no ") and "expected" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_faults_are_parsed_checked_and_round_trip():
+    from fedsim.faults import Fault
+
+    cfg = RunConfig(profile="tiny", faults=("1:few-data:0.1", "2:free-rider"))
+    assert cfg.fault_specs() == (Fault(1, "few-data", 0.1), Fault(2, "free-rider", 1e-3))
+    assert RunConfig.from_flower(cfg.to_flower()).faults == cfg.faults
+    assert RunConfig.from_flower({"faults": "0:lazy:0.5, 1:diverge"}).faults == ("0:lazy:0.5", "1:diverge")
+    assert RunConfig.from_json_dict(cfg.to_json_dict()).faults == cfg.faults
+    with pytest.raises(ConfigError, match=r"--fault: fault 5:lazy:0\.1 names client 5, but the run has clients 0\.\.2"):
+        RunConfig(faults=("5:lazy",))
+    with pytest.raises(ConfigError, match="unknown fault kind 'slow'"):
+        RunConfig(faults=("0:slow",))
+
+
+def test_cli_refuses_a_bad_fault_with_exit_code_2(tmp_path, capsys):
+    from fedsim.cli import main
+
+    code = main(["run", "--profile", "tiny", "--fault", "1:few-data:2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "few-data LEVEL is a share in (0, 1]" in err and not (tmp_path / "o").exists()

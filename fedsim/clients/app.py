@@ -27,13 +27,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim._logging import enable_console_logging
+from fedsim._logging import enable_console_logging, logger
 from fedsim.callbacks import ProgressLogger, TrainCallback
 from fedsim.clients.tasks import get_task
 from fedsim.cme import CMESettings, encode
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import CMERecorder
 from fedsim.config import ConfigError, ResolvedConfig
+from fedsim.faults import fault_of, free_rider_noise
 
 STATE_KEY = "fedsim.model"
 #: Keys Flower's strategies add to the config they send (not run-config fields).
@@ -107,30 +108,49 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(_config_number(config, "server-round", 0))
     mu = float(_config_number(config, "proximal-mu", 0.0))  # set by Flower's FedProx only
+    faults = cfg.fault_specs()
+    free_rider = fault_of(faults, pid, "free-rider")
+    if any(f.client == pid for f in faults):
+        logger.info("round %d client %d runs with injected faults: %s", server_round, pid, ", ".join(str(f) for f in faults if f.client == pid))
     # the received tensors became the model's own (assign=True): copy them before training moves them
-    anchor = {k: v.detach().clone() for k, v in shared.items()} if mu > 0 else None
+    keep = mu > 0 or free_rider is not None
+    received = {k: v.detach().clone() for k, v in shared.items()} if keep else None
     callbacks: list[TrainCallback] = [ProgressLogger()]
     cme = CMERecorder(cme_settings(cfg)) if cfg.cme else None
     if cme is not None:
         callbacks.append(cme)
     result = task.train(
         model, cfg, pid, server_round, device(), callbacks=callbacks,
-        proximal_mu=mu, data_dir=data_dir, anchor=anchor,
+        proximal_mu=mu, data_dir=data_dir, anchor=received if mu > 0 else None,
     )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Only the private tensors are kept: the shared ones arrive with every message. Context.state
     # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
     context.state[STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in shared})
-    reply_arrays = ArrayRecord({k: state[k] for k in shared})
+    if free_rider is not None and received is not None:  # returns what it received, plus noise
+        reply_arrays = ArrayRecord(_free_ride(received, free_rider.level, cfg.seed, pid, server_round))
+    else:
+        reply_arrays = ArrayRecord({k: state[k] for k in shared})
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
     content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
-    if cme is not None:
-        if cme.result is None:
-            raise RuntimeError(f"task {cfg.task!r} did not call the training callbacks; CMEs cannot be recorded")
+    if cme is not None and cme.result is not None:  # the runner always calls the callbacks
         payload = encode(cme.result, pid, server_round, cfg.model_for(pid))
         content[CME_RECORD_KEY] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": server_round})
     return Message(content, reply_to=msg)
+
+
+def _free_ride(received: dict[str, torch.Tensor], scale: float, seed: int, pid: int, server_round: int) -> dict[str, torch.Tensor]:
+    """A free-rider's reply (:mod:`fedsim.faults`): the received tensors plus seeded Gaussian noise
+    of ``scale`` x each floating-point tensor's standard deviation."""
+    out = {}
+    for i, (k, v) in enumerate(sorted(received.items())):
+        t = v.detach().cpu()
+        if t.is_floating_point() and t.numel() > 1:
+            std = float(t.double().std())
+            t = t + torch.from_numpy(free_rider_noise(tuple(t.shape), scale, std, seed, pid, server_round, i)).to(t.dtype)
+        out[k] = t
+    return out
 
 
 def cme_settings(cfg: ResolvedConfig) -> CMESettings:

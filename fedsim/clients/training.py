@@ -42,11 +42,16 @@ class ProximalTerm:
 class TrainStep:
     """One optimiser step on a batch's loss: adds the proximal term (FedProx), back-propagates and
     steps. A task's epoch calls it once per batch; ``optimizer`` is exposed for schedules (e.g. a
-    per-epoch learning rate). The place where per-step hooks (fault injection) belong."""
+    per-epoch learning rate).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, prox: ProximalTerm) -> None:
+    ``lr_scale`` multiplies every parameter group's learning rate for the step itself (the
+    ``lazy``, ``diverge`` and ``free-rider`` faults of :mod:`fedsim.faults`), on top of whatever
+    schedule the task sets; 1 (no fault) leaves the optimiser untouched."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, prox: ProximalTerm, lr_scale: float = 1.0) -> None:
         self.optimizer = optimizer
         self.prox = prox
+        self.lr_scale = lr_scale
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         """Optimise ``loss`` (+ the proximal term); return the loss that was optimised, detached."""
@@ -54,7 +59,16 @@ class TrainStep:
             loss = loss + self.prox()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if self.lr_scale == 1.0:
+            self.optimizer.step()
+        else:
+            groups = self.optimizer.param_groups
+            scheduled = [g["lr"] for g in groups]
+            for g, lr in zip(groups, scheduled, strict=True):
+                g["lr"] = lr * self.lr_scale
+            self.optimizer.step()
+            for g, lr in zip(groups, scheduled, strict=True):
+                g["lr"] = lr
         return loss.detach()
 
 
@@ -84,16 +98,18 @@ def run_local_epochs(
     callbacks: Sequence[TrainCallback] = (),
     proximal_mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    lr_scale: float = 1.0,
 ) -> Metrics:
     """Run ``info.epochs`` local epochs of ``plan`` on ``model``; return the reported metrics.
 
     With ``proximal_mu > 0`` every step adds FedProx's ``mu/2 * ||w - w_anchor||^2`` over the
-    parameters named in ``anchor`` (the weights received from the server this round). The
+    parameters named in ``anchor`` (the weights received from the server this round);
+    ``lr_scale`` multiplies the learning rate of every step (fault injection). The
     callbacks are always called: ``on_train_start`` before the first epoch, ``on_epoch_end`` after
     each, ``on_train_end`` after ``plan.finish``.
     """
     model.to(device).train()
-    step = TrainStep(plan.optimizer(model.parameters()), ProximalTerm(model, anchor, proximal_mu, device))
+    step = TrainStep(plan.optimizer(model.parameters()), ProximalTerm(model, anchor, proximal_mu, device), lr_scale)
     for cb in callbacks:
         cb.on_train_start(model, info)
     history: list[Metrics] = []

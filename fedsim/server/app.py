@@ -119,6 +119,8 @@ def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:
     cfg_json = cfg.to_json_dict() | {"out": str(run_dir.path)}
     run_dir.write_config(cfg_json)
     logger.info("run directory: %s", run_dir.path)
+    if cfg.faults:
+        logger.warning("injected faults: %s", ", ".join(str(f) for f in cfg.fault_specs()))
 
     client_models = cfg.client_models()
     shared = shared_parameter_names([*client_models, cfg.server_model], lambda m: task.build_model(m, cfg))

@@ -175,6 +175,7 @@ class AICNet3DTask(CohortTask):
     """3D OCT glaucoma classification with AI-CNet3D; every client and the server use one
     variant (``--models``), so the whole model (incl. BatchNorm statistics) is aggregated."""
 
+    num_classes = 2
     profiles = PROFILES
     default_model = DEFAULT_MODEL
     primary_metric = "auc"
@@ -233,6 +234,7 @@ class AICNet3DTask(CohortTask):
             raise TypeError(f"aicnet3d trains AICNet3D models, got {type(model).__name__}")
         opts: AICNet3DOptions = self.options(cfg)
         labels, (train_idx, val_idx, _) = self.client_split(cfg, partition_id, data_dir)
+        labels = self.train_labels(cfg, partition_id, labels, train_idx)  # validation labels stay true
         x_all, y_all = torch.from_numpy(volumes(cfg, train_idx, data_dir)), torch.from_numpy(labels[train_idx])
         seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)  # dropout

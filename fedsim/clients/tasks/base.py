@@ -24,6 +24,7 @@ from torch import nn
 from fedsim.callbacks import TrainInfo
 from fedsim.clients.training import LocalTraining, run_local_epochs
 from fedsim.config import parse_options
+from fedsim.faults import lr_factor
 from fedsim.models import build_model, list_models
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class Task(ABC):
         """
         plan = self.local_training(model, cfg, partition_id, server_round, device, data_dir)
         info = TrainInfo(server_round, partition_id, cfg.local_epochs, cfg.model_for(partition_id))
-        metrics = run_local_epochs(model, plan, info, device, callbacks, proximal_mu=proximal_mu, anchor=anchor)
+        lr_scale = lr_factor(cfg.fault_specs(), partition_id)  # lazy / diverge / free-rider faults
+        metrics = run_local_epochs(model, plan, info, device, callbacks, proximal_mu=proximal_mu, anchor=anchor, lr_scale=lr_scale)
         return LocalResult(plan.num_examples, metrics)
 
     @abstractmethod

@@ -88,7 +88,8 @@ class BrainMRITask(CohortTask):
             tr, te = images[: len(train_idx)], images[len(train_idx) :]
         else:
             tr, te = images[train_idx], images[test_idx]
-        return _dataset(tr, labels[train_idx]), _dataset(te, labels[test_idx])
+        train_labels = self.train_labels(cfg, partition_id, labels, train_idx)
+        return _dataset(tr, train_labels[train_idx]), _dataset(te, labels[test_idx])
 
     def local_training(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None

@@ -54,6 +54,7 @@ from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, prepare_case
 from fedsim.data.partition import stratified_split
 from fedsim.data.synthetic_ct import NUM_LANDMARKS, CTCase, generate_case, missing_landmarks
+from fedsim.faults import fault_of, swapped_targets
 from fedsim.metrics.landmarks import landmark_metrics, radial_errors
 from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.rundir import RunDir
@@ -223,7 +224,7 @@ class H3DENetTask(CohortTask):
             raise TypeError(f"h3denet trains LandmarkNet models, got {type(model).__name__}")
         opts: H3DENetOptions = self.options(cfg)
         _, (train_idx, _) = self.client_split(cfg, partition_id, data_dir)
-        cases = self.cases(cfg, train_idx, data_dir)
+        cases = self.train_cases(cfg, partition_id, self.cases(cfg, train_idx, data_dir))
         crop = crop_shape(cfg.image_size)
         seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)
@@ -252,6 +253,15 @@ class H3DENetTask(CohortTask):
             return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=opts.weight_decay)
 
         return LocalTraining(len(cases), optimizer, epoch)
+
+    def train_cases(self, cfg: ResolvedConfig, partition_id: int, cases: tuple[CTCase, ...]) -> tuple[CTCase, ...]:
+        """The training cases as the client sees them: with a ``label-noise`` fault (landmarks are
+        not classes), a seeded share of the cases carry another training case's landmarks."""
+        fault = fault_of(cfg.fault_specs(), partition_id, "label-noise")
+        if fault is None:
+            return cases
+        perm = swapped_targets(len(cases), fault.level, cfg.seed, partition_id)
+        return tuple(CTCase(c.volume, cases[p].landmarks, c.spacing, c.name) for c, p in zip(cases, perm, strict=True))
 
     @torch.no_grad()
     def predict(

@@ -25,6 +25,7 @@ import numpy as np
 from fedsim.clients.tasks.base import Task
 from fedsim.config import ConfigError, ResolvedConfig
 from fedsim.data.partition import PartitionParams, partition
+from fedsim.faults import fault_of, few_data, noisy_labels
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,19 @@ class CohortTask(Task):
     * ``unit``: what a sample is called in messages (``"samples"``, ``"volumes"``, ``"cases"``);
     * ``min_global_test``: the smallest global test set of the default hold-out;
     * ``seed_salt``: extra entries of the per-round seed (tasks added later used one, so that their
-      streams differ from the older tasks'; kept so results stay the same).
+      streams differ from the older tasks'; kept so results stay the same);
+    * ``num_classes``: classes of a classification task (``label-noise`` draws among them); 0 for
+      tasks whose targets are not classes (they override :meth:`train_labels`).
+
+    Injected faults (:mod:`fedsim.faults`) that concern data apply here, so every task gets them:
+    ``few-data`` in :meth:`client_split` (the first part, the training split, keeps a seeded share)
+    and ``label-noise`` in :meth:`train_labels`.
     """
 
     unit: str = "samples"
     min_global_test: int = 1
     seed_salt: tuple[int, ...] = ()
+    num_classes: int = 0
 
     # ------------------------------------------------------------ what a task supplies
     @abstractmethod
@@ -99,8 +107,24 @@ class CohortTask(Task):
         the whole folder is that client's share."""
         strata = self.strata(cfg, self.data_source(cfg, data_dir))
         if data_dir:
-            return strata, self.split_client(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
-        return strata, self.make_split(cfg, strata).clients[partition_id]
+            parts = self.split_client(cfg, np.arange(len(strata)), strata, f"node data folder {data_dir}")
+        else:
+            parts = self.make_split(cfg, strata).clients[partition_id]
+        fault = fault_of(cfg.fault_specs(), partition_id, "few-data")
+        if fault is not None:  # the client keeps a seeded share of its training split
+            parts = (few_data(parts[0], fault.level, cfg.seed, partition_id), *parts[1:])
+        return strata, parts
+
+    def train_labels(self, cfg: ResolvedConfig, partition_id: int, labels: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
+        """The cohort ``labels`` as client ``partition_id`` sees them for training: with a
+        ``label-noise`` fault, a seeded share of its ``train_idx`` carry a wrong class (a copy;
+        test labels stay true)."""
+        fault = fault_of(cfg.fault_specs(), partition_id, "label-noise")
+        if fault is None:
+            return labels
+        if self.num_classes < 2:
+            raise NotImplementedError(f"task {self.name!r} has no classes: it must override train_labels for label-noise")
+        return noisy_labels(labels, train_idx, fault.level, self.num_classes, cfg.seed, partition_id)
 
     def global_test(self, cfg: ResolvedConfig) -> tuple[np.ndarray, np.ndarray]:
         """The cohort strata and the global test set's indices."""

@@ -1,9 +1,10 @@
 """A tiny name -> object registry, one per pluggable kind (models, tasks, strategies, partitioners).
 
-Adding a new entry is one file plus one decorator::
+Each kind wraps one :class:`Registry` in its own decorator, so adding an entry is one file plus
+one decorator, e.g.::
 
-    @MODELS.register("my_net")
-    def build_my_net(num_classes: int, in_channels: int = 1) -> FedsimModel: ...
+    @register_model("my_net", tasks=("brain_mri",))
+    def build_my_net(num_classes: int, in_channels: int = 1, spatial_dims: int = 2) -> FedsimModel: ...
 
 Duplicate names are an error, and unknown names raise :class:`UnknownNameError`
 listing the valid choices.

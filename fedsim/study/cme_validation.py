@@ -34,7 +34,8 @@ of faulty runs get no LOO value); ``loo="full"`` adds those; ``loo="none"`` skip
 
 Last, :func:`auroc_table` gives, per statistic x fault kind (each level and both pooled) x style,
 the AUROC for telling the faulty client from the healthy clients of the same runs
-(:func:`fedsim.study.stats.auroc`; non-finite scores rank highest), and from the clients of the
+(:func:`fedsim.study.stats.auroc`; infinite scores rank highest, undefined ones are left out and
+counted), and from the clients of the
 fault-free runs.
 
 Sizes (:data:`SIZES`): ``tiny`` (tests: 2 seeds, one fault, 3 rounds, 120 images) and ``default``
@@ -43,7 +44,7 @@ on 2 CPU cores). Saturation needs >= 10 rounds and its own ground truth (lr -> 0
 that part of the study is not in this grid.
 
 Outputs in ``out``: ``runs/<name>/`` (normal run directories plus ``study_record.json``),
-``clients.csv`` / ``clients.jsonl``, ``auroc.csv``, ``verdicts.csv`` (detection and false-alarm
+``clients.csv`` / ``clients.jsonl``, ``auroc.csv`` (and ``auroc.md``, levels pooled), ``verdicts.csv`` (detection and false-alarm
 rates of ``fedsim analyze``'s verdicts, when the analysis gives verdicts), ``study.json``
 (settings, skipped conditions, failures, timings).
 """
@@ -359,8 +360,8 @@ def _others_mean(rec: dict[str, Any], exclude: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _num(v: Any) -> float:
-    return float("nan") if v is None else float(v)
+def _num(v: Any, missing: float = math.nan) -> float:
+    return missing if v is None else float(v)
 
 
 def client_rows(plan: Plan, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -390,9 +391,10 @@ def client_rows(plan: Plan, records: dict[str, dict[str, Any]]) -> list[dict[str
                 "primary_metric": metric,
                 "global_final": _global(rec),
                 "num_examples": c.get("num_examples"),
-                "train_loss_last": _num(c.get("train_loss")),
+                # metrics.jsonl writes a non-finite loss as null: a diverged client's loss counts as +inf
+                "train_loss_last": _num(c.get("train_loss"), missing=math.inf),
                 "test_metric_last": _num(c.get(f"test_{metric}")),
-                "test_loss_last": _num(c.get("test_loss")),
+                "test_loss_last": _num(c.get("test_loss"), missing=math.inf),
             }
             row.update(client_updates(rec, k))
             loo = records.get(plan.loo.get((cond.name, k), ""))
@@ -425,8 +427,10 @@ def score_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 def auroc_table(rows: Sequence[dict[str, Any]], statistics: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Per statistic x style x fault kind x level (each level, and ``"all"`` pooled): the AUROC
     of the faulty client against the healthy clients of the same runs (``auroc``) and against the
-    clients of the fault-free runs of the same style (``auroc_vs_fault_free``); non-finite scores
-    rank highest. ``direction`` says which way the statistic flags the fault (``higher`` when
+    clients of the fault-free runs of the same style (``auroc_vs_fault_free``). ``+inf`` (a
+    non-finite update or loss) ranks above every number; NaN (not defined or not computed, e.g.
+    the ACF of a client that did not train, or no leave-one-out run) is left out and counted in
+    ``missing_*``. ``direction`` says which way the statistic flags the fault (``higher`` when
     ``auroc >= 0.5``) and ``auroc_best`` is ``max(auroc, 1 - auroc)``: chosen after the fact, so
     optimistic for small samples."""
     stats = list(statistics) if statistics is not None else score_columns(rows)
@@ -444,18 +448,33 @@ def auroc_table(rows: Sequence[dict[str, Any]], statistics: Iterable[str] | None
                 healthy = [r for r in sel if not r["is_faulty"]]
                 for stat in stats:
                     fs, hs, ff = ([_num(r.get(stat)) for r in g] for g in (faulty, healthy, free))
-                    a = auroc(fs, hs, nan="high")
+                    a = auroc(fs, hs, nan="omit")
                     out.append({
                         "statistic": stat, "style": style, "fault_kind": kind, "fault_level": level,
                         "auroc": a,
-                        "auroc_vs_fault_free": auroc(fs, ff, nan="high"),
+                        "auroc_vs_fault_free": auroc(fs, ff, nan="omit"),
                         "direction": "" if math.isnan(a) else ("higher" if a >= 0.5 else "lower"),
                         "auroc_best": a if math.isnan(a) else max(a, 1 - a),
                         "n_faulty": len(fs), "n_healthy": len(hs), "n_fault_free": len(ff),
-                        "nonfinite_faulty": int(sum(not math.isfinite(v) for v in fs)),
-                        "nonfinite_healthy": int(sum(not math.isfinite(v) for v in hs)),
+                        "missing_faulty": int(sum(math.isnan(v) for v in fs)),
+                        "missing_healthy": int(sum(math.isnan(v) for v in hs)),
+                        "infinite_faulty": int(sum(math.isinf(v) for v in fs)),
+                        "infinite_healthy": int(sum(math.isinf(v) for v in hs)),
                     })  # fmt: skip
     return out
+
+
+def auroc_markdown(table: Sequence[dict[str, Any]], level: Any = "all", column: str = "auroc") -> str:
+    """A Markdown table of :func:`auroc_table`: one row per statistic, one column per style x
+    fault kind, cells ``column`` at ``level`` (default: both levels pooled); ``-`` where undefined."""
+    cols = sorted({(t["style"], t["fault_kind"]) for t in table})
+    stats = list(dict.fromkeys(t["statistic"] for t in table))
+    cell = {(t["statistic"], t["style"], t["fault_kind"]): t[column] for t in table if t["fault_level"] == level}
+    lines = ["| statistic | " + " | ".join(f"{s} {k}" for s, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for stat in stats:
+        vals = [cell.get((stat, s, k), math.nan) for s, k in cols]
+        lines.append(f"| {stat} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def verdict_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -552,6 +571,12 @@ def run_study(
     write_csv(out / "clients.csv", rows)
     atomic_write_bytes(out / "clients.jsonl", "".join(json.dumps(finite_json(r)) + "\n" for r in rows).encode())
     write_csv(out / "auroc.csv", table)
+    md = (
+        "# AUROC: faulty client vs healthy clients of the same runs (fault levels pooled)\n\n" + auroc_markdown(table) + "\n"
+        "# AUROC: faulty client vs clients of the fault-free runs (fault levels pooled)\n\n"
+        + auroc_markdown(table, column="auroc_vs_fault_free")
+    )
+    atomic_write_bytes(out / "auroc.md", md.encode())
     verdicts = verdict_table(rows)
     write_csv(out / "verdicts.csv", verdicts)
     cpu = [r["cpu_s"] for r in records.values()]
@@ -590,6 +615,7 @@ __all__ = [
     "Plan",
     "StudyResult",
     "StudySize",
+    "auroc_markdown",
     "auroc_table",
     "client_rows",
     "estimate_cpu_seconds",

@@ -65,8 +65,11 @@ def test_auroc_table_groups_by_style_kind_and_level():
     assert table[0.1]["auroc"] == 1.0 and table[0.01]["auroc"] == 0.0
     assert table["all"]["auroc"] == 0.5  # faulty 5 > healthy 1, 2, 1 (3 pairs); faulty 0 < all of them: 3 / 6
     assert table[0.01]["direction"] == "lower" and table[0.01]["auroc_best"] == 1.0
-    # vs the fault-free clients: NaN ranks highest
-    assert table[0.1]["auroc_vs_fault_free"] == 0.5 and table["all"]["n_fault_free"] == 2
+    # vs the fault-free clients: NaN (undefined) is left out and counted
+    assert table[0.1]["auroc_vs_fault_free"] == 1.0 and table["all"]["n_fault_free"] == 2
+    assert table["all"]["missing_faulty"] == 0 and table["all"]["infinite_faulty"] == 0
+    md = cv.auroc_markdown(cv.auroc_table(rows, ["s"])).splitlines()
+    assert md[0] == "| statistic | a lazy |" and md[2] == "| s | 0.50 |"
 
 
 @pytest.fixture(scope="module")

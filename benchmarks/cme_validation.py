@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="parallel processes (default: CPUs / threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     p.add_argument("--no-keep-cme", action="store_true", help="delete each run's CME archive once its statistics are read")
+    p.add_argument("--refresh-cme", action="store_true", help="recompute the CME statistics of finished federations (no retraining)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time, run nothing")
     p.add_argument("--timing", action="store_true", help="time one tiny federation in-process vs on Ray instead")
     p.add_argument("--repeat", type=int, default=3, help="--timing repetitions (default: %(default)s)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.dry_run:
         return 0
-    res = cv.run_study(args.out, size, workers=workers, threads=args.threads, keep_cme=not args.no_keep_cme)
+    res = cv.run_study(args.out, size, workers=workers, threads=args.threads, keep_cme=not args.no_keep_cme, refresh_cme=args.refresh_cme)
     print(f"{len(res.rows)} client rows, {len(res.auroc)} AUROC rows in {res.out}; {res.summary['wall_s'] / 60:.1f} min")
     return 0
 

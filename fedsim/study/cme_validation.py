@@ -295,20 +295,23 @@ def _process_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _run_job(job: FederationJob, root: str, threads: int, keep_cme: bool) -> tuple[str, dict[str, Any] | None, str | None]:
+def _run_job(
+    job: FederationJob, root: str, threads: int, keep_cme: bool, refresh_cme: bool = False
+) -> tuple[str, dict[str, Any] | None, str | None]:
     from fedsim.study.federation import run_federation
 
     try:
-        return job.name, run_federation(job, Path(root) / "runs" / job.name, threads, keep_cme), None
+        return job.name, run_federation(job, Path(root) / "runs" / job.name, threads, keep_cme, refresh_cme), None
     except Exception as exc:  # one failed federation is reported, the study goes on
         log.exception("federation %s failed", job.name)
         return job.name, None, f"{type(exc).__name__}: {exc}"
 
 
 def execute(
-    plan: Plan, out: Path, workers: int = 1, threads: int = 1, keep_cme: bool = True
+    plan: Plan, out: Path, workers: int = 1, threads: int = 1, keep_cme: bool = True, refresh_cme: bool = False
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Run every job (finished ones are reused); return (records by job name, errors by job name)."""
+    """Run every job (finished ones are reused; ``refresh_cme``: with their CME statistics
+    recomputed); return (records by job name, errors by job name)."""
     records: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     jobs = list(plan.jobs.values())
@@ -328,14 +331,14 @@ def execute(
     if workers <= 1:
         with _process_threads(threads):
             for job in jobs:
-                done(*_run_job(job, str(out), threads, keep_cme))
+                done(*_run_job(job, str(out), threads, keep_cme, refresh_cme))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")  # no fork after torch / Flower threads started
         with _thread_env(threads), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = [pool.submit(_run_job, job, str(out), threads, keep_cme) for job in jobs]
+            futures = [pool.submit(_run_job, job, str(out), threads, keep_cme, refresh_cme) for job in jobs]
             for fut in as_completed(futures):
                 done(*fut.result())
     return records, errors
@@ -547,8 +550,12 @@ def run_study(
     threads: int = 1,
     keep_cme: bool = True,
     progress: Callable[[str], None] | None = None,
+    refresh_cme: bool = False,
 ) -> StudyResult:
     """Plan, run (resuming finished federations in ``out``), tabulate and write the study.
+
+    ``refresh_cme`` recomputes the CME statistics of finished federations from their archives
+    (after :mod:`fedsim.analysis.cme` changed) instead of reusing the recorded ones.
 
     ``workers`` processes run federations in parallel (default: the CPU count divided by
     ``threads``); each ClientApp call uses ``threads`` torch threads (1 is fastest for these small
@@ -564,7 +571,7 @@ def run_study(
         size.name, len(plan.conditions), len(plan.jobs), sum(bool(j.absent) for j in plan.jobs.values()), workers, threads, out,
     )  # fmt: skip
     t0 = time.perf_counter()
-    records, errors = execute(plan, out, workers, threads, keep_cme)
+    records, errors = execute(plan, out, workers, threads, keep_cme, refresh_cme)
     wall = time.perf_counter() - t0
     rows = client_rows(plan, records)
     table = auroc_table(rows)

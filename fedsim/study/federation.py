@@ -105,8 +105,13 @@ def quiet_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def run_federation(job: FederationJob, out: Path, num_threads: int | None = 1, keep_cme: bool = True) -> dict[str, Any]:
-    """Run ``job`` into ``out`` (or reuse its finished record there); return the record."""
+def run_federation(
+    job: FederationJob, out: Path, num_threads: int | None = 1, keep_cme: bool = True, refresh_cme: bool = False
+) -> dict[str, Any]:
+    """Run ``job`` into ``out`` (or reuse its finished record there); return the record.
+
+    ``refresh_cme`` recomputes the CME statistics of a finished record from its archive (after
+    :mod:`fedsim.analysis.cme` changed) without training again."""
     from fedsim.clients.app import app
     from fedsim.clients.tasks import get_task, resolve_config
     from fedsim.server.app import run_server
@@ -115,7 +120,12 @@ def run_federation(job: FederationJob, out: Path, num_threads: int | None = 1, k
 
     out = Path(out)
     if (out / RECORD_FILE).exists():
-        return json.loads((out / RECORD_FILE).read_text(encoding="utf-8"))
+        done: dict[str, Any] = json.loads((out / RECORD_FILE).read_text(encoding="utf-8"))
+        if refresh_cme and job.cme and (out / "cme").is_dir():
+            done["cme"] = {str(k): v for k, v in cme_candidates(out, job.null_samples).items()}
+            atomic_write_bytes(out / RECORD_FILE, (json.dumps(finite_json(done), sort_keys=True) + "\n").encode())
+            done = json.loads(json.dumps(finite_json(done)))
+        return done
     if out.exists():
         log.info("replacing the interrupted run %s", out)
         shutil.rmtree(out)

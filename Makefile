@@ -26,6 +26,7 @@ run: setup
 # ruff (rules in pyproject.toml) and mypy (fedsim/ fully annotated; benchmarks/ checked too)
 lint: setup
 	$(VENV)/bin/ruff check fedsim tests benchmarks
+	$(VENV)/bin/ruff format --check fedsim tests benchmarks
 	$(VENV)/bin/mypy fedsim benchmarks
 
 test: lint

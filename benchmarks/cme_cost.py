@@ -106,7 +106,13 @@ def main() -> None:
     cfg = resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, cme=True))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = get_task(cfg.task)
-    task.train(task.build_model(cfg.model_for(0), cfg), resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, local_epochs=1)), 0, 1, dev)  # warm-up: data generation, allocator
+    task.train(
+        task.build_model(cfg.model_for(0), cfg),
+        resolve_config(RunConfig(scenario=args.scenario, profile=args.profile, local_epochs=1)),
+        0,
+        1,
+        dev,
+    )  # warm-up: data generation, allocator
     results = {}
     for pid in range(cfg.clients):
         name = cfg.model_for(pid)

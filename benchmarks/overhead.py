@@ -58,8 +58,7 @@ def plain_loop(cfg: ResolvedConfig) -> tuple[list[dict], dict[str, torch.Tensor]
             train_metrics[pid] = task.train(model, cfg, pid, rnd, dev, callbacks=[ProgressLogger()]).metrics
             replies.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in global_arrays})
         global_arrays = {
-            k: torch.from_numpy(np.mean([r[k].numpy() for r in replies], axis=0).astype(replies[0][k].numpy().dtype))
-            for k in shared
+            k: torch.from_numpy(np.mean([r[k].numpy() for r in replies], axis=0).astype(replies[0][k].numpy().dtype)) for k in shared
         }
         clients = []
         for pid, model in nets.items():
@@ -117,8 +116,7 @@ def main() -> None:
         "max_abs_diff_final_params": max_param_diff,
         "final_fedsim": final_fed,
         "final_plain": final_plain,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

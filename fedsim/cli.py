@@ -52,37 +52,86 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-samples", type=int, help="synthetic cohort size (default: from profile)")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--lr", type=float, help="client Adam learning rate (default: from profile)")
-    run.add_argument("--models", type=_names, default=(), help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn")
+    run.add_argument(
+        "--models", type=_names, default=(), help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn"
+    )
     run.add_argument("--server-model", default="", help="server model (default: resnet50, or the clients' model if all equal)")
     run.add_argument("--site-styles", action="store_true", help="give each hospital its own synthetic scanner style")
-    run.add_argument("--strategy-option", dest="strategy_options", action="append", default=[], metavar="KEY=VALUE",
-                     help="strategy option, repeatable, e.g. mu=0.1 (fedprox) or eta=0.05 (fedadam); see 'fedsim list'")
+    run.add_argument(
+        "--strategy-option",
+        dest="strategy_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy option, repeatable, e.g. mu=0.1 (fedprox) or eta=0.05 (fedadam); see 'fedsim list'",
+    )
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
-    run.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
-                     help="task-specific option, repeatable (see 'fedsim list')")
-    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="CLIENT:KIND[:LEVEL]",
-                     help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge "
-                     "(e.g. 1:few-data:0.1; see docs/cme-validation.md)")
+    run.add_argument(
+        "--task-option",
+        dest="task_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task-specific option, repeatable (see 'fedsim list')",
+    )
+    run.add_argument(
+        "--fault",
+        dest="faults",
+        action="append",
+        default=[],
+        metavar="CLIENT:KIND[:LEVEL]",
+        help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge "
+        "(e.g. 1:few-data:0.1; see docs/cme-validation.md)",
+    )
     cme = run.add_argument_group("CME recording (conversational memory elements, CME paper section 3.1)")
     cme.add_argument("--cme", action="store_true", help="record per-epoch CMEs (relative weight changes) for 'fedsim analyze'")
-    cme.add_argument("--cme-layers", type=_names, default=(), help="name patterns of layers whose full CME matrix is archived (default: the task's, e.g. head.fc2.weight)")
-    cme.add_argument("--cme-threshold", type=float, default=d.cme_threshold, help="weights with |w| below this are masked out of CME statistics (default: %(default)s)")
-    cme.add_argument("--cme-max-size", type=int, default=d.cme_max_size, help="larger CME matrices are subsampled (seeded) to at most this many rows and columns (default: %(default)s)")
+    cme.add_argument(
+        "--cme-layers",
+        type=_names,
+        default=(),
+        help="name patterns of layers whose full CME matrix is archived (default: the task's, e.g. head.fc2.weight)",
+    )
+    cme.add_argument(
+        "--cme-threshold",
+        type=float,
+        default=d.cme_threshold,
+        help="weights with |w| below this are masked out of CME statistics (default: %(default)s)",
+    )
+    cme.add_argument(
+        "--cme-max-size",
+        type=int,
+        default=d.cme_max_size,
+        help="larger CME matrices are subsampled (seeded) to at most this many rows and columns (default: %(default)s)",
+    )
     cme.add_argument("--cme-biases", action="store_true", help="also record 1-D bias vectors")
 
     an = sub.add_parser("analyze", help="CME convergence analysis of a run: verdicts per client, figures, summary.json, report.md")
     an.add_argument("run_dir", metavar="RUN_DIR", help="a 'fedsim run' output folder")
     an.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis)")
     an.add_argument("--layer", default=None, help="CME matrix layer for covariance maps (default: the run's first, e.g. head.fc2.weight)")
-    an.add_argument("--similarity", type=float, default=SIMILARITY_THRESHOLD,
-                    help="off-diagonal map similarity counted as unchanged, for the saturation round (default: %(default)s)")
-    an.add_argument("--patience", type=int, default=SATURATION_PATIENCE, help="consecutive unchanged rounds that define saturation (default: %(default)s)")
-    an.add_argument("--null-samples", type=int, default=NULL_SAMPLES,
-                    help="permutations / noise draws behind every null band (default: %(default)s)")
-    an.add_argument("--coverage", type=float, default=NULL_COVERAGE,
-                    help="central coverage of the null bands, 0.9 = 5-95 %% quantiles (default: %(default)s)")
+    an.add_argument(
+        "--similarity",
+        type=float,
+        default=SIMILARITY_THRESHOLD,
+        help="off-diagonal map similarity counted as unchanged, for the saturation round (default: %(default)s)",
+    )
+    an.add_argument(
+        "--patience",
+        type=int,
+        default=SATURATION_PATIENCE,
+        help="consecutive unchanged rounds that define saturation (default: %(default)s)",
+    )
+    an.add_argument(
+        "--null-samples", type=int, default=NULL_SAMPLES, help="permutations / noise draws behind every null band (default: %(default)s)"
+    )
+    an.add_argument(
+        "--coverage",
+        type=float,
+        default=NULL_COVERAGE,
+        help="central coverage of the null bands, 0.9 = 5-95 %% quantiles (default: %(default)s)",
+    )
     an.add_argument("--seed", type=int, default=0, help="seed of the null bands' permutations and draws (default: %(default)s)")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")

@@ -39,7 +39,9 @@ def run_simulation(cfg: RunConfig) -> None:
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
     if cfg.client_cpus > (os.cpu_count() or 1):
-        raise ConfigError(f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer")
+        raise ConfigError(
+            f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(

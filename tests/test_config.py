@@ -54,7 +54,10 @@ def test_invalid_numbers_are_refused(kwargs, message):
         ({"strategy": "fedfoo"}, "unknown strategy 'fedfoo'; valid choices: equal_avg, fedadam, fedavg, fedprox"),
         ({"partition": "random"}, "unknown partitioner 'random'; valid choices: dirichlet, identical, iid, sizes"),
         ({"task": "nope"}, r"unknown task 'nope'; valid choices: (\w+, )*brain_mri"),
-        ({"models": ("vgg", "small_cnn", "small_cnn")}, "unknown model 'vgg' for task 'brain_mri'; valid choices: alexnet_skip, densenet121"),
+        (
+            {"models": ("vgg", "small_cnn", "small_cnn")},
+            "unknown model 'vgg' for task 'brain_mri'; valid choices: alexnet_skip, densenet121",
+        ),
         ({"partition": "sizes"}, "partition 'sizes' needs fractions"),
     ],
 )

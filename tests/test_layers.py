@@ -107,7 +107,9 @@ def test_imports_only_point_down():
             if target in SHARED:
                 continue
             if layer_of(target) > here:
-                violations.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {mod} (layer {here}) imports {target} (layer {layer_of(target)})")
+                violations.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {mod} (layer {here}) imports {target} (layer {layer_of(target)})"
+                )
     assert not violations, "imports that point upward:\n" + "\n".join(violations)
 
 

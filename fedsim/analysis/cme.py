@@ -146,9 +146,7 @@ def band(values: np.ndarray, coverage: float = NULL_COVERAGE) -> tuple[float, fl
     return float(lo), float(hi)
 
 
-def similarity_bands(
-    maps: Sequence[np.ndarray], samples: int = NULL_SAMPLES, coverage: float = NULL_COVERAGE, seed: int = 0
-) -> np.ndarray:
+def similarity_bands(maps: Sequence[np.ndarray], samples: int = NULL_SAMPLES, coverage: float = NULL_COVERAGE, seed: int = 0) -> np.ndarray:
     """``(len(maps) - 1, 2)``: the null band of each consecutive similarity (:func:`similarity_null`),
     each pair with its own seed derived from ``seed``."""
     out = np.full((max(len(maps) - 1, 0), 2), np.nan)
@@ -209,9 +207,7 @@ class ACF:
     se: np.ndarray | None = None
 
 
-def acf_from_stats(
-    lag_count: np.ndarray, lag_sum: np.ndarray, sq_prev: np.ndarray, sq_cur: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def acf_from_stats(lag_count: np.ndarray, lag_sum: np.ndarray, sq_prev: np.ndarray, sq_cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 4 (and its normalised form) from the recorder's lag-1 terms, pooled over the last axis
     (the epoch pairs of a round). Inputs are (..., epochs); the first epoch's terms are zero."""
     n = lag_count.sum(axis=-1)

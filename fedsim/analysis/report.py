@@ -130,15 +130,26 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
                     f"{', '.join(archive.matrix_layers(client))} (record others with --cme-layers)"
                 )
             all_stats.append(
-                client_statistics(archive, client, layer, settings.head_patterns, settings.similarity_threshold, settings.patience,
-                                  settings.null_samples, settings.coverage, settings.seed)
+                client_statistics(
+                    archive,
+                    client,
+                    layer,
+                    settings.head_patterns,
+                    settings.similarity_threshold,
+                    settings.patience,
+                    settings.null_samples,
+                    settings.coverage,
+                    settings.seed,
+                )
             )
         verdicts = decide_verdicts(all_stats, settings.coverage)
         for s in all_stats:
             v = verdicts[s.client]
             shown = pick_rounds([int(r) for r in s.rounds], s.saturation_round)
             first = archive.read(s.client, int(s.rounds[0]))
-            fig = ClientCMEFigure(s, v, shown, curves, metric, neurons=first.rows.get(s.layer), similarity_threshold=settings.similarity_threshold).plot()
+            fig = ClientCMEFigure(
+                s, v, shown, curves, metric, neurons=first.rows.get(s.layer), similarity_threshold=settings.similarity_threshold
+            ).plot()
             save(fig, f"client{s.client}_cme.png")
             clients_out.append(_client_entry(_cme_entry(s, v), last.get(s.client, {}), metric))
             logger.info("client %d: %s (%s)", s.client, v.verdict, v.reason)
@@ -217,16 +228,18 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
         st = summary["settings"]
         lo, hi = (1 - st["coverage"]) / 2 * 100, (1 + st["coverage"]) / 2 * 100
         lines += [
-            (f"CME layer `{st['layer']}`; covariance maps (eq. 3, pairwise over valid entries: masked weights, dead units "
-            f"and non-finite values left out) from the {st['cov_map_epoch']}. Every client gets one verdict: "
-            "**diverged** (non-finite or exploding weights/CMEs), **undetermined** (too little data; the reason says what is "
-            f"missing: >= {st['min_rounds']} rounds with >= {st['min_epochs']} local epochs are needed), **weak** (its head "
-            "changes less than every other client's in every round, or not at all), **learning** (its head ACF varies between "
-            "rounds more than sampling noise explains) or **dominant** (a stable head ACF). "
-            f"Null bands are the {lo:g}-{hi:g} % quantiles of {st['null_samples']} seeded draws computed on this run "
-            "(ACF: jackknife noise of the ACF if it did not change; map similarity: the next map with its neurons shuffled). "
-            f"**Saturation round**: the first round from which the next {st['patience']} maps are each at least "
-            f"{st['similarity_threshold']}-similar (Pearson, off the diagonal) to their predecessor and above the null band."),
+            (
+                f"CME layer `{st['layer']}`; covariance maps (eq. 3, pairwise over valid entries: masked weights, dead units "
+                f"and non-finite values left out) from the {st['cov_map_epoch']}. Every client gets one verdict: "
+                "**diverged** (non-finite or exploding weights/CMEs), **undetermined** (too little data; the reason says what is "
+                f"missing: >= {st['min_rounds']} rounds with >= {st['min_epochs']} local epochs are needed), **weak** (its head "
+                "changes less than every other client's in every round, or not at all), **learning** (its head ACF varies between "
+                "rounds more than sampling noise explains) or **dominant** (a stable head ACF). "
+                f"Null bands are the {lo:g}-{hi:g} % quantiles of {st['null_samples']} seeded draws computed on this run "
+                "(ACF: jackknife noise of the ACF if it did not change; map similarity: the next map with its neurons shuffled). "
+                f"**Saturation round**: the first round from which the next {st['patience']} maps are each at least "
+                f"{st['similarity_threshold']}-similar (Pearson, off the diagonal) to their predecessor and above the null band."
+            ),
             "",
             f"| client | model | verdict | statistic | value | null band | reason | saturation round | share in dead units | final test {m} |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -241,8 +254,10 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
             )
     else:
         lines += [
-            ("**This run has no CME records** (it was run without `--cme`), so there are no covariance maps, "
-             "ACF plots, saturation rounds or client verdicts. Re-run with `fedsim run ... --cme` to record them."),
+            (
+                "**This run has no CME records** (it was run without `--cme`), so there are no covariance maps, "
+                "ACF plots, saturation rounds or client verdicts. Re-run with `fedsim run ... --cme` to record them."
+            ),
             "",
             f"| client | model | final test {m} |",
             "| --- | --- | --- |",

@@ -48,8 +48,7 @@ def node_identity(context: Context, cfg: ResolvedConfig) -> tuple[int, str | Non
     nc = context.node_config
     if "partition-id" not in nc:
         raise ConfigError(
-            "node config lacks 'partition-id'; start the SuperNode with "
-            "--node-config 'partition-id=0 num-partitions=3' (one id per node)"
+            "node config lacks 'partition-id'; start the SuperNode with --node-config 'partition-id=0 num-partitions=3' (one id per node)"
         )
     pid = int(nc["partition-id"])
     if not 0 <= pid < cfg.clients:
@@ -111,7 +110,9 @@ def train(msg: Message, context: Context) -> Message:
     faults = cfg.fault_specs()
     free_rider = fault_of(faults, pid, "free-rider")
     if any(f.client == pid for f in faults):
-        logger.info("round %d client %d runs with injected faults: %s", server_round, pid, ", ".join(str(f) for f in faults if f.client == pid))
+        logger.info(
+            "round %d client %d runs with injected faults: %s", server_round, pid, ", ".join(str(f) for f in faults if f.client == pid)
+        )
     # the received tensors became the model's own (assign=True): copy them before training moves them
     keep = mu > 0 or free_rider is not None
     received = {k: v.detach().clone() for k, v in shared.items()} if keep else None

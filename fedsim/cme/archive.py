@@ -222,8 +222,7 @@ class CMEArchive:
         self.root = Path(run_dir) / CME_DIR
         if not (self.root / INDEX_FILE).exists():
             raise NoCMERecordsError(
-                f"{Path(run_dir)} has no CME records ({CME_DIR}/{INDEX_FILE} is missing); "
-                "record them with 'fedsim run ... --cme'"
+                f"{Path(run_dir)} has no CME records ({CME_DIR}/{INDEX_FILE} is missing); record them with 'fedsim run ... --cme'"
             )
         self.entries = _read_index(self.root)
         if not self.entries:

@@ -64,9 +64,7 @@ def scan_ct_folder(data_dir: str | Path) -> list[str]:
         raise CTDataError(f"no *{VOLUME_SUFFIX} files found in {root}; {EXPECTED_LAYOUT}")
     missing = [str(p) for c in ids for p in _paths(root, c)[1:] if not p.is_file()]
     if missing:
-        raise CTDataError(
-            f"CT cases in {root} lack their label or spacing file: missing {', '.join(missing[:10])}; {EXPECTED_LAYOUT}"
-        )
+        raise CTDataError(f"CT cases in {root} lack their label or spacing file: missing {', '.join(missing[:10])}; {EXPECTED_LAYOUT}")
     return ids
 
 
@@ -85,9 +83,7 @@ def load_ct_labels(data_dir: str | Path, case_id: str, num_landmarks: int | None
     path = _paths(data_dir, case_id)[1]
     lm = _load_npy(path, "landmark label")
     if lm.ndim != 2 or lm.shape[1] != 3 or len(lm) == 0 or not np.issubdtype(lm.dtype, np.number):
-        raise CTDataError(
-            f"landmark label file {path} holds a {lm.dtype} array of shape {lm.shape}; expected (L, 3) voxel coordinates"
-        )
+        raise CTDataError(f"landmark label file {path} holds a {lm.dtype} array of shape {lm.shape}; expected (L, 3) voxel coordinates")
     if num_landmarks is not None and len(lm) != num_landmarks:
         raise CTDataError(f"landmark label file {path} has {len(lm)} landmarks; expected {num_landmarks}")
     lm = lm.astype(np.float64)
@@ -103,9 +99,7 @@ def load_ct_spacing(data_dir: str | Path, case_id: str) -> np.ndarray:
     path = _paths(data_dir, case_id)[2]
     sp = _load_npy(path, "spacing")
     if sp.size != 3 or not np.issubdtype(sp.dtype, np.number):
-        raise CTDataError(
-            f"spacing file {path} holds a {sp.dtype} array of shape {sp.shape}; expected 3 values (mm along X, Y, Z)"
-        )
+        raise CTDataError(f"spacing file {path} holds a {sp.dtype} array of shape {sp.shape}; expected 3 values (mm along X, Y, Z)")
     sp = sp.astype(np.float64).reshape(3)
     if not (np.isfinite(sp).all() and (sp > 0).all()):
         raise CTDataError(f"spacing file {path} holds {sp.tolist()}; expected 3 positive finite values (mm along X, Y, Z)")
@@ -146,9 +140,7 @@ def load_ct_case(data_dir: str | Path, case_id: str, num_landmarks: int | None =
     spacing = load_ct_spacing(data_dir, case_id)
     vol = _read_nrrd(vol_path)
     if vol.ndim != 3:
-        raise CTDataError(
-            f"volume file {vol_path} holds a {vol.ndim}-D array of shape {vol.shape}; expected a 3-D CT volume (X, Y, Z)"
-        )
+        raise CTDataError(f"volume file {vol_path} holds a {vol.ndim}-D array of shape {vol.shape}; expected a 3-D CT volume (X, Y, Z)")
     if not np.issubdtype(vol.dtype, np.number) or not np.isfinite(vol).all():
         raise CTDataError(f"volume file {vol_path} holds NaN, infinite or non-numeric values")
     present = ~np.isnan(landmarks).any(axis=1)
@@ -182,9 +174,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     _replace_atomically(path, write)
 
 
-def write_ct_case(
-    data_dir: str | Path, case_id: str, volume: np.ndarray, landmarks: np.ndarray, spacing: np.ndarray
-) -> None:
+def write_ct_case(data_dir: str | Path, case_id: str, volume: np.ndarray, landmarks: np.ndarray, spacing: np.ndarray) -> None:
     """Write a case in the authors' layout: ``<case>_volume.nrrd`` (the volume's own dtype, gzip,
     with the spacing in its ``space directions``), ``<case>_label.npy`` (float64, NaN rows
     written as -1000) and ``<case>_spacing.npy`` (float64). Each file is written to a temporary

@@ -239,6 +239,7 @@ def _anatomy(p: _P, pj: _P, missing: Sequence[int], lms: np.ndarray) -> dict[str
     e_s = (t - g) / length
     e_t = np.array([0.0, e_s[2], -e_s[1]])  # anterior, in the sagittal plane
     c = [float(v) for v in g + 0.5 * length * e_s + 0.5 * _RAMUS_W * e_t]
+
     # ramus-local coordinates: across (x), along the posterior border (e_s), forward (e_t)
     def along(e: np.ndarray) -> np.ndarray:
         return (pjm[1] - c[1]) * float(e[1]) + (pjm[2] - c[2]) * float(e[2])

@@ -95,7 +95,7 @@ def synth_volume(
     r_fov = np.sqrt((x - fovea_x) ** 2 + (0.5 * (y - fovea_y)) ** 2)
 
     # RNFL: thicker near the disc, most along the superior/inferior arcuate bundles
-    arcuate = 1.0 + 1.2 * np.exp(-((np.abs(dyd) - 0.08) ** 2) / 0.004) * np.exp(-np.maximum(dxd, -0.5) ** 2 / 0.08)
+    arcuate = 1.0 + 1.2 * np.exp(-((np.abs(dyd) - 0.08) ** 2) / 0.004) * np.exp(-(np.maximum(dxd, -0.5) ** 2) / 0.08)
     rnfl = _THICKNESS[0] * (0.6 + 1.6 * np.exp(-r_disc / 0.18)) * arcuate
     hemi = np.where(np.sign(y - disc_y) == worse, 1.0 - asym, 1.0)
     rnfl = rnfl * (1.0 - loss) * hemi

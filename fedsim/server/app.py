@@ -78,9 +78,7 @@ class OrderedGrid(Grid):
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
 
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -161,9 +159,7 @@ def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:
         evaluate_fn=recorder.on_round_end,
     )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
-    path = run_dir.save_params(
-        final, {"server_model": cfg.server_model, "complete": str(complete).lower(), "rounds": str(cfg.rounds)}
-    )
+    path = run_dir.save_params(final, {"server_model": cfg.server_model, "complete": str(complete).lower(), "rounds": str(cfg.rounds)})
     logger.info("final global parameters: %s", path)
     return result
 

@@ -21,9 +21,7 @@ from fedsim.strategies.registry import StrategyHooks, register_strategy
 class EqualWeightFedAvg(FedAvg):
     """FedAvg with equal client weights for the parameters (metrics stay example-weighted)."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         contents = [m.content for m in replies if not m.has_error()]
         if not contents:
             return None, None

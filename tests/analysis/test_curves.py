@@ -8,10 +8,20 @@ import pytest
 from fedsim.analysis import ClientCurvesDisplay, client_curves
 
 ROWS = [
-    {"round": 1, "clients": [{"client": 0, "model": "resnet50", "train_accuracy": 0.3, "test_accuracy": 0.25, "train_loss": 1.4, "test_loss": 1.5},
-                             {"client": 1, "model": "densenet121", "train_accuracy": 0.4, "test_accuracy": 0.5, "train_loss": 1.2, "test_loss": 1.1}]},
-    {"round": 2, "clients": [{"client": 1, "model": "densenet121", "train_accuracy": 0.6, "test_accuracy": 0.7, "train_loss": 0.9, "test_loss": 0.8},
-                             {"client": 0, "model": "resnet50", "train_accuracy": 0.5}]},
+    {
+        "round": 1,
+        "clients": [
+            {"client": 0, "model": "resnet50", "train_accuracy": 0.3, "test_accuracy": 0.25, "train_loss": 1.4, "test_loss": 1.5},
+            {"client": 1, "model": "densenet121", "train_accuracy": 0.4, "test_accuracy": 0.5, "train_loss": 1.2, "test_loss": 1.1},
+        ],
+    },
+    {
+        "round": 2,
+        "clients": [
+            {"client": 1, "model": "densenet121", "train_accuracy": 0.6, "test_accuracy": 0.7, "train_loss": 0.9, "test_loss": 0.8},
+            {"client": 0, "model": "resnet50", "train_accuracy": 0.5},
+        ],
+    },
 ]
 
 

@@ -70,7 +70,10 @@ def test_eq2_statistics_by_hand():
     np.testing.assert_allclose(res.matrices["fc.weight"][1], c2_full, rtol=1e-6)
     # every element is in exactly one class
     for row in st:
-        parts = row[FIELD["count"]] / row[FIELD["size"]] + row[[FIELD[k] for k in ("masked_fraction", "dead_fraction", "nonfinite_fraction")]].sum()
+        parts = (
+            row[FIELD["count"]] / row[FIELD["size"]]
+            + row[[FIELD[k] for k in ("masked_fraction", "dead_fraction", "nonfinite_fraction")]].sum()
+        )
         assert parts == pytest.approx(1.0)
 
 

@@ -6,7 +6,9 @@ from fedsim.data.partition import PartitionParams, list_partitioners, partition,
 LABELS = np.arange(200) % 4
 
 
-@pytest.mark.parametrize(("name", "params"), [("iid", None), ("dirichlet", PartitionParams(alpha=0.3)), ("sizes", PartitionParams(fractions=(0.5, 0.3, 0.2)))])
+@pytest.mark.parametrize(
+    ("name", "params"), [("iid", None), ("dirichlet", PartitionParams(alpha=0.3)), ("sizes", PartitionParams(fractions=(0.5, 0.3, 0.2)))]
+)
 def test_disjoint_complete_and_seeded(name, params):
     parts = partition(name, LABELS, 3, seed=7, params=params)
     allidx = np.concatenate(parts)

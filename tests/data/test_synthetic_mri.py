@@ -20,10 +20,7 @@ def _mean_diff(label: int, region) -> float:
     """Mean absolute intensity difference (tumour class vs no-tumour, same seed/index: same head and
     acquisition) inside a region."""
     size = 96
-    diffs = [
-        render_image(0, i, label, size).astype(float) - render_image(0, i, NO_TUMOR, size).astype(float)
-        for i in range(40)
-    ]
+    diffs = [render_image(0, i, label, size).astype(float) - render_image(0, i, NO_TUMOR, size).astype(float) for i in range(40)]
     d = np.mean(np.abs(diffs), axis=0)
     return float(d[region(size)].mean())
 

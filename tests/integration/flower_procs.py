@@ -47,7 +47,9 @@ def wait_http_ok(url: str, timeout: float = 60) -> None:
 
 
 def flwr_json(env: dict[str, str], *args: str, timeout: float = 120) -> dict:
-    proc = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env, check=False, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"], env=env, check=False, capture_output=True, text=True, timeout=timeout
+    )
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:

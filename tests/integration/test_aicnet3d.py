@@ -37,7 +37,9 @@ def test_tiny_run_writes_per_client_metrics_and_figures(tmp_path):
     assert "consistency" in " ".join(rows[1]["clients"][0]) and "train_consistency" not in rows[0]["clients"][0]
     params = RunDir(out).load_params()
     assert "att1.attn.0.q.weight" in params and "conv5.0.weight" in params  # whole model aggregated
-    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "analyze", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "analyze", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     figs = out / "analysis"
     task_figs = sorted(figs.glob("aicnet3d_care_gradcam_*.png"))

@@ -38,7 +38,9 @@ def test_tiny_run_writes_per_client_mm_metrics_and_landmark_figures(tmp_path):
     params = RunDir(out).load_params()
     assert "backbone.stages.0.0.attn.qkv.weight" in params or any(".attn." in k for k in params)
     assert "head.conv.weight" in params  # whole model aggregated
-    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "analyze", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "analyze", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     figs = out / "analysis"
     task_figs = sorted(figs.glob("h3denet_landmarks_*.png"))

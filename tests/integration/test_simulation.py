@@ -26,9 +26,7 @@ EXPECTED_MODELS = {
 
 
 def fedsim(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, check=False, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -51,7 +49,9 @@ def test_scenario1_with_cme_then_analyze(tmp_path):
     out = tmp_path / "s1"
     fedsim("run", "--scenario", "1", "--profile", "tiny", "--rounds", "3", "--cme", "--out", str(out), cwd=tmp_path)
     rows = check_outputs(out, 3, EXPECTED_MODELS[1])
-    assert sorted(RunDir(out).load_params()) == sorted(["head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"])
+    assert sorted(RunDir(out).load_params()) == sorted(
+        ["head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"]
+    )
     arch = CMEArchive(out)
     assert arch.clients == [0, 1, 2] and all(arch.rounds(c) == [1, 2, 3] for c in arch.clients)
     assert [arch.model(c) for c in arch.clients] == EXPECTED_MODELS[1]

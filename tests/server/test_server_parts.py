@@ -38,7 +38,9 @@ def test_wait_for_nodes_gives_up_with_count():
 
 
 def test_ordered_grid_sorts_by_partition_and_delegates():
-    grid = OrderedGrid(FakeGrid([1], [_reply(2, **{"num-examples": 1}), _reply(0, **{"num-examples": 1}), _reply(1, **{"num-examples": 1})]))
+    grid = OrderedGrid(
+        FakeGrid([1], [_reply(2, **{"num-examples": 1}), _reply(0, **{"num-examples": 1}), _reply(1, **{"num-examples": 1})])
+    )
     assert [int(m.content["metrics"]["partition-id"]) for m in grid.send_and_receive([])] == [0, 1, 2]
     assert grid.get_node_ids() == [1] and grid.push_messages(["m"]) == ["id"] and grid._grid.pushed == ["m"]
 
@@ -53,21 +55,44 @@ def test_ordered_grid_stops_on_client_error():
 def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
     rd = RunDir(tmp_path / "r").create()
     rec = RoundRecorder(rd, ["resnet50", "densenet121"], global_eval=lambda arrays: {"global-accuracy": 0.5})
-    train = [_reply(1, **{"num-examples": 30, "train-loss": 2.0, "train-accuracy": 0.25}).content,
-             _reply(0, **{"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.75}).content]
+    train = [
+        _reply(1, **{"num-examples": 30, "train-loss": 2.0, "train-accuracy": 0.25}).content,
+        _reply(0, **{"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.75}).content,
+    ]
     agg = rec.train_metrics(train, "num-examples")
     assert agg["train-loss"] == pytest.approx(1.75) and "partition-id" not in agg  # (10*1 + 30*2) / 40
-    rec.evaluate_metrics([_reply(0, **{"num-examples": 5, "test-loss": 0.1, "test-accuracy": 0.8}).content,
-                          _reply(1, **{"num-examples": 7, "test-loss": 0.2, "test-accuracy": 0.6}).content], "num-examples")
+    rec.evaluate_metrics(
+        [
+            _reply(0, **{"num-examples": 5, "test-loss": 0.1, "test-accuracy": 0.8}).content,
+            _reply(1, **{"num-examples": 7, "test-loss": 0.2, "test-accuracy": 0.6}).content,
+        ],
+        "num-examples",
+    )
     out = rec.on_round_end(1, ArrayRecord({"x": Array(np.zeros(1))}))
     assert out["global-accuracy"] == 0.5
     (line,) = rd.read_metrics()
     assert line["round"] == 1 and line["global"] == {"accuracy": 0.5}
     assert line["clients"] == [
-        {"client": 0, "model": "resnet50", "num_examples": 10, "num_test_examples": 5, "train_loss": 1.0,
-         "train_accuracy": 0.75, "test_loss": 0.1, "test_accuracy": 0.8},
-        {"client": 1, "model": "densenet121", "num_examples": 30, "num_test_examples": 7, "train_loss": 2.0,
-         "train_accuracy": 0.25, "test_loss": 0.2, "test_accuracy": 0.6},
+        {
+            "client": 0,
+            "model": "resnet50",
+            "num_examples": 10,
+            "num_test_examples": 5,
+            "train_loss": 1.0,
+            "train_accuracy": 0.75,
+            "test_loss": 0.1,
+            "test_accuracy": 0.8,
+        },
+        {
+            "client": 1,
+            "model": "densenet121",
+            "num_examples": 30,
+            "num_test_examples": 7,
+            "train_loss": 2.0,
+            "train_accuracy": 0.25,
+            "test_loss": 0.2,
+            "test_accuracy": 0.6,
+        },
     ]
     # round 0 (Flower's initial evaluation) writes no line
     rec.on_round_end(0, ArrayRecord())

@@ -27,7 +27,9 @@ def test_norms_and_cosines_by_hand():
 
 def test_cosine_of_aligned_and_opposed_updates():
     sent = {"w": np.zeros(3)}
-    s = update_stats(sent, {0: {"w": np.array([1.0, 2.0, 3.0])}, 1: {"w": np.array([2.0, 4.0, 6.0])}, 2: {"w": np.array([-1.0, -2.0, -3.0])}})
+    s = update_stats(
+        sent, {0: {"w": np.array([1.0, 2.0, 3.0])}, 1: {"w": np.array([2.0, 4.0, 6.0])}, 2: {"w": np.array([-1.0, -2.0, -3.0])}}
+    )
     # u0 vs mean(u1, u2) = (0.5, 1, 1.5): +1; u2 vs mean(u0, u1) = (1.5, 3, 4.5): -1
     assert s[0]["update_cosine"] == pytest.approx(1.0) and s[2]["update_cosine"] == pytest.approx(-1.0)
 

@@ -71,7 +71,11 @@ def test_fedprox_sends_mu_to_clients():
         def get_node_ids(self):
             return [1, 2, 3]
 
-    msgs = list(FedProx(proximal_mu=0.3, min_available_nodes=3).configure_train(1, ArrayRecord({"a": Array(np.zeros(1))}), ConfigRecord(), FakeGrid()))
+    msgs = list(
+        FedProx(proximal_mu=0.3, min_available_nodes=3).configure_train(
+            1, ArrayRecord({"a": Array(np.zeros(1))}), ConfigRecord(), FakeGrid()
+        )
+    )
     assert len(msgs) == 3 and all(m.content["config"]["proximal-mu"] == 0.3 for m in msgs)
 
 

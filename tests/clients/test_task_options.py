@@ -33,7 +33,9 @@ def test_bad_task_options_name_the_problem(text, message):
 
 
 def test_task_without_options_refuses_them():
-    with pytest.raises(ConfigError, match="task 'brain_mri' takes no --task-option"):
+    with pytest.raises(ConfigError, match="task 'fake' takes no --task-option; got x"):
+        parse_options(None, (("x", "1"),), "task", "fake")
+    with pytest.raises(ConfigError, match="unknown task option 'x' for task 'brain_mri'; valid options: lr-decay, shift-round"):
         resolve_config(RunConfig(profile="tiny", task_options=(("x", "1"),)))
 
 

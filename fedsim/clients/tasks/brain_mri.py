@@ -9,11 +9,23 @@ partitioner every client really holds the same data (scenarios 3 and 4).
 
 A node started with its own ``data-dir`` (deployment) uses that whole folder as its share (the
 split handling is :class:`~fedsim.clients.tasks.scaffold.CohortTask`'s).
+
+Two task options exist for studies of convergence (the saturation ground truth of
+``docs/cme-validation.md``); their defaults leave training exactly as in the paper:
+
+* ``lr-decay``: the learning rate of federation epoch ``t`` (round ``r``, local epoch ``e``:
+  ``t = (r - 1) * local_epochs + e - 1``) is ``lr * lr-decay ** t``; 1 (default) = constant, so a
+  value well below 1 drives the learning rate to ~0 (a run that must saturate);
+* ``shift-round``: with ``--site-styles``, from this round on every client's *training* images
+  take the next client's scanner style (a data shift at a known round; its local test images keep
+  their style); 0 (default) = no shift.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +37,7 @@ from fedsim._logging import logger
 from fedsim.clients.tasks.base import LocalResult
 from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.scaffold import CohortTask
-from fedsim.clients.training import LocalTraining, classifier_epoch, evaluate_classifier
+from fedsim.clients.training import LocalTraining, Metrics, TrainStep, classifier_epoch, evaluate_classifier
 from fedsim.config import ConfigError, Profile, ResolvedConfig
 from fedsim.data.folder import load_images, scan_image_folder
 from fedsim.data.partition import split_train_test
@@ -36,6 +48,24 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(image_size=64, num_samples=960, rounds=6, local_epochs=2, batch_size=16, lr=1e-3),
     "paper": Profile(image_size=224, num_samples=3264, rounds=10, local_epochs=10, batch_size=32, lr=1e-3),
 }
+
+
+@dataclass(frozen=True)
+class BrainMRIOptions:
+    """Task options (``--task-option key=value``); see the module docstring.
+
+    * ``lr-decay``: per-federation-epoch learning-rate factor in (0, 1] (1 = constant);
+    * ``shift-round``: round from which training images take the next client's site style (0 = never).
+    """
+
+    lr_decay: float = 1.0
+    shift_round: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay}")
+        if self.shift_round < 0:
+            raise ValueError(f"shift-round must be >= 0 (0 = no shift), got {self.shift_round}")
 
 
 @functools.lru_cache(maxsize=2)
@@ -61,6 +91,12 @@ class BrainMRITask(CohortTask):
     profiles = PROFILES
     num_classes = len(CLASS_NAMES)
     in_channels = 1
+    options_type = BrainMRIOptions
+
+    def check_config(self, cfg: ResolvedConfig) -> None:
+        opts: BrainMRIOptions = self.options(cfg)
+        if opts.shift_round and not cfg.site_styles:
+            raise ConfigError("task option shift-round switches site styles, so it needs --site-styles")
 
     def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
         """Class labels (synthetic: index ``i`` has class ``i % 4``; a folder: its class folders)."""
@@ -80,12 +116,17 @@ class BrainMRITask(CohortTask):
     def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "in_channels": self.in_channels, "spatial_dims": 2}
 
-    def _client_datasets(self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
+    def _client_datasets(
+        self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None, server_round: int = 0
+    ) -> tuple[TensorDataset, TensorDataset]:
         images, labels = cohort(cfg, data_dir)
         _, (train_idx, test_idx) = self.client_split(cfg, partition_id, data_dir)
         if cfg.site_styles:
             images = apply_site_style(images[np.concatenate([train_idx, test_idx])], partition_id, cfg.seed)
             tr, te = images[: len(train_idx)], images[len(train_idx) :]
+            shift = self.options(cfg).shift_round
+            if shift and server_round >= shift:  # the training images' scanner changed
+                tr = apply_site_style(cohort(cfg, data_dir)[0][train_idx], (partition_id + 1) % cfg.clients, cfg.seed)
         else:
             tr, te = images[train_idx], images[test_idx]
         train_labels = self.train_labels(cfg, partition_id, labels, train_idx)
@@ -95,7 +136,7 @@ class BrainMRITask(CohortTask):
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
     ) -> LocalTraining:
         """Adam and cross-entropy with seeded shuffling and random left-right flips."""
-        train_ds, _ = self._client_datasets(cfg, partition_id, data_dir)
+        train_ds, _ = self._client_datasets(cfg, partition_id, data_dir, server_round)
         seed = self.round_seed(cfg, server_round, partition_id)
         loader = DataLoader(
             train_ds,
@@ -104,10 +145,21 @@ class BrainMRITask(CohortTask):
             generator=torch.Generator().manual_seed(seed),
             drop_last=len(train_ds) % cfg.batch_size == 1,  # BatchNorm cannot train on a batch of 1
         )
+        epoch = classifier_epoch(model, loader, device, flip_generator=torch.Generator().manual_seed(seed + 1))
+        decay = self.options(cfg).lr_decay
+        if decay != 1.0:
+            first = (max(server_round, 1) - 1) * cfg.local_epochs
+            constant_epoch = epoch
+
+            def epoch(e: int, step: TrainStep) -> Metrics:
+                for g in step.optimizer.param_groups:
+                    g["lr"] = cfg.lr * decay ** (first + e - 1)
+                return constant_epoch(e, step)
+
         return LocalTraining(
             num_examples=len(train_ds),
             optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr, foreach=True),  # multi-tensor: faster on CPU too
-            epoch=classifier_epoch(model, loader, device, flip_generator=torch.Generator().manual_seed(seed + 1)),
+            epoch=epoch,
         )
 
     def evaluate_local(

@@ -547,7 +547,10 @@ def decide_verdict(
 
     1. ``diverged``: a weight or CME of any layer is non-finite in some round, or the head is
        *exploding*: in some epoch more than :data:`EXPLODING_JUMP_FRACTION` of its valid weights
-       moved by more than their own size (median ``|C|`` > 1).
+       moved by more than their own size (median ``|C|`` > 1), or, with peers, in some round both
+       its head CME magnitude and its jump fraction exceed every other client's by more than
+       the gap between the other clients themselves (:func:`exploding_round`; the null is the
+       run's own spread between clients, measured on the clients that are not under test).
     2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
        ACF needs two epochs per round, its change two rounds), or no noise band could be computed.
     3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
@@ -575,6 +578,14 @@ def decide_verdict(
                        f"exploding: in round {s.rounds[j]} {s.jump_fraction[j]:.0%} of the head weights moved by more than "
                        f"their own size in one local epoch (limit {EXPLODING_JUMP_FRACTION:.0%})")  # fmt: skip
 
+    others = [p for p in peers if p.client != s.client]
+    hit = exploding_round(s, others)
+    if hit is not None:
+        r, excess, gap = hit
+        return Verdict(DIVERGED, "magnitude_excess", excess, (-gap, gap),
+                       f"exploding: in round {r} its head CME magnitude is {np.exp(excess):.3g}x the largest other client's "
+                       f"(log excess {excess:.2f} beyond the others' own gap {gap:.2f}), and so is its jump fraction")  # fmt: skip
+
     usable = int((s.epochs >= min_epochs).sum())
     vband = s.acf_variation_head_band
     if usable < min_rounds:
@@ -587,7 +598,6 @@ def decide_verdict(
     mag = s.magnitude
     if np.all(np.nan_to_num(mag) == 0):
         return Verdict(WEAK, "magnitude", 0.0, None, "no head weight changed in any round: the client contributes nothing")
-    others = [p for p in peers if p.client != s.client]
     if others:
         clients = len(others) + 1
         common = [r for r in s.rounds if all(r in p.rounds for p in others)]
@@ -612,6 +622,52 @@ def decide_verdict(
                        f"head ACF variation {_fmt(v)} above its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: the ACF still changes")  # fmt: skip
     return Verdict(DOMINANT, "acf_variation_head", v, vband,
                    f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning")  # fmt: skip
+
+
+def exploding_round(stats: ClientStatistics, others: Sequence[ClientStatistics]) -> tuple[int, float, float] | None:
+    """The first round in which the client's head *explodes* relative to the other clients, as
+    ``(round, log excess, null gap)``, or ``None``.
+
+    For two per-round head statistics, the CME magnitude and the jump fraction (both on a log
+    scale), the client's *excess* in round ``r`` is its value minus the largest other client's; the
+    *null gap* is the largest difference between two other clients in any common round, i.e. how
+    far apart clients of this run are when the one under test is left out. The round counts when
+    both excesses exceed their gaps. Needs at least two other clients (one gap); rounds with a
+    non-finite or zero statistic are left out. The study behind this rule is docs/cme-validation.md.
+    """
+    if len(others) < 2:
+        return None
+    common = [r for r in stats.rounds if all(r in p.rounds for p in others)]
+    if not common:
+        return None
+
+    def logs(st: ClientStatistics, name: str) -> np.ndarray:
+        idx = [list(st.rounds).index(r) for r in common]
+        v = np.asarray(getattr(st, name), dtype=np.float64)[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan)
+
+    fires = np.ones(len(common), dtype=bool)
+    excess_mag = np.full(len(common), np.nan)
+    gap_mag = np.nan
+    for name in ("magnitude", "jump_fraction"):
+        own = logs(stats, name)
+        peer = np.stack([logs(p, name) for p in others])  # (others, rounds)
+        with np.errstate(invalid="ignore"):
+            excess = own - np.max(peer, axis=0)
+            gaps = np.concatenate([np.abs(peer[a] - peer[b]) for a in range(len(peer)) for b in range(a + 1, len(peer))])
+        gaps = gaps[np.isfinite(gaps)]
+        if gaps.size == 0:
+            return None
+        gap = float(gaps.max())
+        fires &= np.nan_to_num(excess, nan=-np.inf) > gap
+        if name == "magnitude":
+            excess_mag, gap_mag = excess, gap
+    hit = np.flatnonzero(fires)
+    if hit.size == 0:
+        return None
+    j = int(hit[0])
+    return int(common[j]), float(excess_mag[j]), gap_mag
 
 
 def decide_verdicts(all_stats: Sequence[ClientStatistics], coverage: float = NULL_COVERAGE) -> dict[int, Verdict]:

@@ -27,6 +27,7 @@ from fedsim.analysis.cme import (
     covariance_map,
     decide_verdict,
     decide_verdicts,
+    exploding_round,
     head_layers,
     map_similarity,
     saturation_round,
@@ -283,3 +284,24 @@ def test_verdicts_come_from_the_fixed_vocabulary():
     assert VERDICTS == ("weak", "dominant", "learning", "diverged", "undetermined")
     with pytest.raises(ValueError, match="verdict must be one of"):
         Verdict("dominant (stable ACF)", "x", None, None, "")
+
+
+def test_exploding_relative_to_the_others_gap_is_diverged():
+    # others: magnitudes 0.05 / 0.04 (largest log gap |log 0.05 - log 0.04| = 0.223 in round 1);
+    # jump fractions 0.01 / 0.02 (gap log 2 = 0.693)
+    peers = [
+        make_stats(client=1, magnitude=[0.05, 0.05, 0.05, 0.05], jump=0.01),
+        make_stats(client=2, magnitude=[0.04, 0.045, 0.05, 0.05], jump=0.02),
+    ]
+    boom = make_stats(client=0, magnitude=[0.05, 0.5, 0.05, 0.05], jump=0.1)  # jump 0.1: log(0.1/0.02) = 1.61 > 0.693
+    hit = exploding_round(boom, peers)
+    assert hit is not None and hit[0] == 2
+    assert hit[1] == pytest.approx(np.log(0.5 / 0.05)) and hit[2] == pytest.approx(np.log(0.05 / 0.04))
+    v = decide_verdict(boom, peers)
+    assert v.verdict == DIVERGED and v.statistic == "magnitude_excess" and "round 2" in v.reason
+    # a large magnitude alone (jump fraction like the others') is not exploding
+    assert exploding_round(make_stats(client=0, magnitude=[0.05, 0.5, 0.05, 0.05], jump=0.015), peers) is None
+    # an excess within the others' own gap is not exploding either
+    assert exploding_round(make_stats(client=0, magnitude=[0.055, 0.055, 0.055, 0.055], jump=0.1), peers) is None
+    # one other client gives no gap: no test
+    assert exploding_round(boom, peers[:1]) is None

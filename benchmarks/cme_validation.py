@@ -48,6 +48,7 @@ def timing(repeat: int) -> dict[str, Any]:
     out: dict[str, Any] = {"config": "tiny, 3 x small_cnn, 2 rounds x 2 local epochs", "repeat": repeat, "client_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         walls: dict[str, list[float]] = {"inprocess": [], "inprocess_1thread": [], "ray": []}
+        loads: list[float] = []
         dirs: dict[str, str] = {}
         for i in range(repeat):
             for mode, times in walls.items():
@@ -61,6 +62,7 @@ def timing(repeat: int) -> dict[str, Any]:
                     with quiet_logs():
                         run_server(InProcessGrid(app, cfg.clients, num_threads=n), cfg)
                 times.append(time.perf_counter() - t0)
+                loads.append(round(os.getloadavg()[0], 2))
                 dirs[mode] = cfg.out
                 print(f"{mode} run {i}: {times[-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
         a, b = RunDir(dirs["inprocess"]), RunDir(dirs["ray"])
@@ -68,6 +70,7 @@ def timing(repeat: int) -> dict[str, Any]:
         out["identical_metrics"] = (a.path / "metrics.jsonl").read_bytes() == (b.path / "metrics.jsonl").read_bytes()
         out["identical_params"] = sorted(pa) == sorted(pb) and all(np.array_equal(pa[k], pb[k]) for k in pa)
     out["wall_s"] = {k: [round(v, 2) for v in vs] for k, vs in walls.items()}
+    out["load_average_1min"] = loads  # other processes on the machine; 2-thread torch degrades badly under load
     out["wall_s_median"] = {k: round(float(np.median(vs)), 2) for k, vs in walls.items()}
     out["machine"] = {
         "cpus": os.cpu_count(),

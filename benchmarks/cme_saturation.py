@@ -71,6 +71,8 @@ def run(name: str, cfg: RunConfig, out: Path) -> dict[str, Any]:
                 "saturation_round": c["saturation_round"],
                 "plateau_round": plateau_round(losses),
                 "verdict": c["verdict"],
+                "similarity": c["statistics"]["similarity"][1:],
+                "null_upper": [b[1] for b in c["statistics"]["similarity_band"][1:]],
             }
         )
     return {"name": name, "clients": clients, "rounds": len(rows)}
@@ -87,12 +89,12 @@ def main() -> int:
     base = {"profile": "tiny", "models": ("small_cnn",) * 3, "rounds": args.rounds, "local_epochs": 2, "image_size": 32, "num_samples": 600}
     results: dict[str, list[dict[str, Any]]] = {"lr-to-zero": [], "shift": [], "normal": []}
     for s in range(args.seeds):
-        cfg = RunConfig(seed=s, task_options=(("lr-decay", str(args.decay)),), **base)  # type: ignore[arg-type]
+        cfg = RunConfig(seed=s, task_options=(("lr-decay", str(args.decay)),), **base)
         results["lr-to-zero"].append(run(f"lr-to-zero-s{s}", cfg, args.out))
-        cfg = RunConfig(seed=s, site_styles=True, task_options=(("shift-round", str(args.shift_round)),), **base)  # type: ignore[arg-type]
+        cfg = RunConfig(seed=s, site_styles=True, task_options=(("shift-round", str(args.shift_round)),), **base)
         results["shift"].append(run(f"shift-s{s}", cfg, args.out))
     for s in range(args.seeds + 2):
-        results["normal"].append(run(f"normal-s{s}", RunConfig(seed=s, **base), args.out))  # type: ignore[arg-type]
+        results["normal"].append(run(f"normal-s{s}", RunConfig(seed=s, **base), args.out))
 
     def sats(kind: str) -> list[int | None]:
         return [c["saturation_round"] for r in results[kind] for c in r["clients"]]
@@ -100,8 +102,32 @@ def main() -> int:
     lr0, shift, normal = sats("lr-to-zero"), sats("shift"), sats("normal")
     pairs = [(c["saturation_round"], c["plateau_round"]) for r in results["normal"] for c in r["clients"]]
     within = [s is not None and abs(s - p) <= 1 for s, p in pairs]
-    summary = {
-        "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}, "decay": args.decay, "shift_round": args.shift_round},
+
+    def sim_range(kind: str, first: int, last: int) -> list[float]:
+        """min / median / max of the consecutive-map similarities of rounds first..last (all clients)."""
+        v = [
+            x
+            for r in results[kind]
+            for c in r["clients"]
+            for j, x in enumerate(c["similarity"], start=2)
+            if first <= j <= last and x is not None
+        ]
+        return [round(float(np.min(v)), 2), round(float(np.median(v)), 2), round(float(np.max(v)), 2)] if v else []
+
+    late = (args.rounds // 2 + 1, args.rounds)
+    summary: dict[str, Any] = {
+        "similarity_late_rounds": {k: sim_range(k, *late) for k in results},
+        "similarity_before_shift": sim_range("shift", 2, args.shift_round - 1),
+        "similarity_from_shift": sim_range("shift", args.shift_round, args.rounds),
+        "null_upper_range": [
+            round(min(u for r in results["normal"] for c in r["clients"] for u in c["null_upper"] if u is not None), 3),
+            round(max(u for r in results["normal"] for c in r["clients"] for u in c["null_upper"] if u is not None), 3),
+        ],
+        "settings": {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in base.items()},
+            "decay": args.decay,
+            "shift_round": args.shift_round,
+        },
         "lr_to_zero_saturated": f"{sum(s is not None for s in lr0)}/{len(lr0)} clients",
         "lr_to_zero_rounds": lr0,
         "shift_saturated_before_shift": f"{sum(s is not None and s < args.shift_round for s in shift)}/{len(shift)} clients",
@@ -117,10 +143,21 @@ def main() -> int:
         "| condition | what must hold | result | saturation rounds (per client) |",
         "|---|---|---|---|",
         f"| lr-to-zero (lr x {args.decay}/epoch) | saturates | {summary['lr_to_zero_saturated']} saturated | {lr0} |",
-        f"| shift at round {args.shift_round} | no saturation before the shift | "
-        f"{summary['shift_saturated_before_shift']} saturated before it | {shift} |",
-        f"| normal, {args.rounds} rounds | saturation within +-1 round of the test-loss plateau | "
-        f"{summary['normal_within_1_round']} within; {summary['normal_saturated']} saturated | (saturation, plateau): {pairs} |",
+        (
+            f"| shift at round {args.shift_round} | no saturation before the shift | "
+            f"{summary['shift_saturated_before_shift']} saturated before it | {shift} |"
+        ),
+        (
+            f"| normal, {args.rounds} rounds | saturation within +-1 round of the test-loss plateau | "
+            f"{summary['normal_within_1_round']} within; {summary['normal_saturated']} saturated | (saturation, plateau): {pairs} |"
+        ),
+    ]
+    lines += [
+        "",
+        f"Consecutive-map similarity (off the diagonal), min / median / max over clients, rounds {late[0]}-{late[1]}: "
+        + "; ".join(f"{k} {v}" for k, v in summary["similarity_late_rounds"].items())
+        + f". Shift runs before the shift {summary['similarity_before_shift']}, from it {summary['similarity_from_shift']}."
+        + f" Upper edge of the permutation null band (normal runs): {summary['null_upper_range']}.",
     ]
     (args.out / "saturation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -113,16 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "inprocess-vs-ray.json").write_text(json.dumps(measured, indent=2) + "\n")
         print(json.dumps(measured, indent=2))
         return 0
-    size = cv.SIZES[args.size]
-    if args.seeds:
-        size = dataclasses.replace(size, seeds=tuple(range(args.seeds)))
-    if args.loo:
-        size = dataclasses.replace(size, loo=args.loo)
+    size = cv.size_for(args.size, args.seeds, args.loo)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
     plan = cv.plan_study(size)
     cpu = cv.estimate_cpu_seconds(plan)
     print(
-        f"{size.name}: {len(plan.conditions)} conditions ({len(plan.skipped)} skipped), {len(plan.jobs)} federations; "
+        f"{size.name}: {len(plan.conditions)} conditions, {len(plan.jobs)} federations; "
         f"estimated {cpu / 60:.0f} CPU-min, ~{cpu / workers / 60:.0f} min with {workers} workers on an idle machine"
     )
     if args.dry_run:

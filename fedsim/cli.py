@@ -284,11 +284,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
     enable_console_logging()
     logging.getLogger("fedsim.study").setLevel(logging.INFO)
-    size = cv.SIZES[args.size]
-    if args.seeds:
-        size = dataclasses.replace(size, seeds=tuple(range(args.seeds)))
-    if args.loo:
-        size = dataclasses.replace(size, loo=args.loo)
+    size = cv.size_for(args.size, args.seeds, args.loo)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
     plan = cv.plan_study(size)
     minutes = cv.estimate_cpu_seconds(plan) / 60

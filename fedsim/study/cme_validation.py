@@ -12,8 +12,7 @@ parallel, each with ``threads`` torch threads):
 * conditions: fault-free, and each fault kind at two levels (:data:`FAULT_LEVELS`), given to one
   client, ``seed % clients`` (so the faulty client's architecture rotates with the seed). A
   condition is a :class:`~fedsim.config.RunConfig` plus a fault spec such as ``"1:few-data:0.1"``
-  (``fedsim run --fault``); while ``RunConfig`` has no ``faults`` field the fault conditions are
-  skipped with a log line and only fault-free runs are made;
+  (``fedsim run --fault``);
 * every main run records CMEs and measures each client's update (:mod:`fedsim.study.federation`).
 
 Per client it records (one row of ``clients.csv``): the fault label; the **ground truth**
@@ -60,7 +59,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +127,19 @@ SIZES: dict[str, StudySize] = {
 }
 
 
-def faults_supported() -> bool:
-    """Does :class:`RunConfig` have the ``faults`` field (``fedsim run --fault``) yet?"""
-    return "faults" in {f.name for f in dataclasses.fields(RunConfig)}
+def size_for(name: str, seeds: int | None = None, loo: str | None = None) -> StudySize:
+    """The study size ``name`` (:data:`SIZES`), with ``seeds`` (0..N-1) and ``loo`` overridden when given."""
+    size = SIZES[name]
+    if seeds:
+        size = dataclasses.replace(size, seeds=tuple(range(seeds)))
+    if loo:
+        size = dataclasses.replace(size, loo=loo)
+    return size
 
 
 def with_fault(cfg: RunConfig, spec: str) -> RunConfig:
     """``cfg`` with the fault ``spec`` (``"CLIENT:KIND:LEVEL"``) added."""
-    return dataclasses.replace(cfg, faults=(*getattr(cfg, "faults", ()), spec))
+    return dataclasses.replace(cfg, faults=(*cfg.faults, spec))
 
 
 @dataclass(frozen=True)
@@ -186,28 +190,15 @@ class Plan:
     jobs: dict[str, FederationJob]
     main: dict[str, str]  # condition name -> job name
     loo: dict[tuple[str, int], str]  # (condition name, client) -> job name of the run without it
-    skipped: list[str] = field(default_factory=list)
 
 
 def plan_study(size: StudySize) -> Plan:
-    """All conditions and jobs of ``size`` (fault conditions only if faults are supported)."""
+    """All conditions and jobs of ``size``."""
     conditions: list[Condition] = []
-    skipped: list[str] = []
-    supported = faults_supported()
     for style in size.styles:
         for seed in size.seeds:
             conditions.append(Condition(style, seed))
-            for kind, level in size.faults:
-                cond = Condition(style, seed, kind, level, seed % size.clients)
-                if supported:
-                    conditions.append(cond)
-                else:
-                    skipped.append(cond.name)
-    if skipped:
-        log.warning(
-            "RunConfig has no 'faults' field yet (fedsim run --fault): skipping %d fault conditions, running the %d fault-free ones",
-            len(skipped), len(conditions),
-        )  # fmt: skip
+            conditions += [Condition(style, seed, kind, level, seed % size.clients) for kind, level in size.faults]
     jobs: dict[str, FederationJob] = {}
     main: dict[str, str] = {}
     loo: dict[tuple[str, int], str] = {}
@@ -228,7 +219,7 @@ def plan_study(size: StudySize) -> Plan:
                 else:
                     continue
                 loo[(cond.name, k)] = name
-    return Plan(size, conditions, jobs, main, loo, skipped)
+    return Plan(size, conditions, jobs, main, loo)
 
 
 #: Single-thread CPU seconds of one federation at the default size (3 clients, 5 rounds x 2 local
@@ -590,8 +581,6 @@ def run_study(
     fed_wall = [r["wall_s"] for r in records.values()]
     summary = {
         "size": dataclasses.asdict(size),
-        "faults_supported": faults_supported(),
-        "skipped_conditions": plan.skipped,
         "conditions": [c.name for c in plan.conditions],
         "federations": len(plan.jobs),
         "failed": errors,
@@ -626,10 +615,10 @@ __all__ = [
     "auroc_table",
     "client_rows",
     "estimate_cpu_seconds",
-    "faults_supported",
     "plan_study",
     "run_study",
     "score_columns",
+    "size_for",
     "verdict_table",
     "with_fault",
     "write_csv",

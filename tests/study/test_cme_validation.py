@@ -17,7 +17,6 @@ from fedsim.study.federation import RECORD_FILE
 
 def test_plan_of_the_tiny_size(monkeypatch):
     size = cv.SIZES["tiny"]
-    monkeypatch.setattr(cv, "faults_supported", lambda: True)
     monkeypatch.setattr(cv, "with_fault", lambda cfg, spec: cfg)  # only the plan is checked here
     plan = cv.plan_study(size)
     names = [c.name for c in plan.conditions]
@@ -37,10 +36,10 @@ def test_plan_of_the_tiny_size(monkeypatch):
     assert cfg.models == ("small_cnn", "alexnet_skip", "small_cnn") and cfg.server_model == "small_cnn" and cfg.rounds == 3
 
 
-def test_fault_conditions_are_skipped_until_runconfig_has_faults(monkeypatch):
-    monkeypatch.setattr(cv, "faults_supported", lambda: False)
-    plan = cv.plan_study(cv.SIZES["tiny"])
-    assert all(c.faulty is None for c in plan.conditions) and len(plan.skipped) == 4
+def test_size_overrides():
+    size = cv.size_for("tiny", seeds=3, loo="full")
+    assert size.seeds == (0, 1, 2) and size.loo == "full" and size.faults == cv.SIZES["tiny"].faults
+    assert cv.size_for("default") is cv.SIZES["default"]
 
 
 def test_default_size_is_the_issue_grid():
@@ -104,15 +103,12 @@ def test_tiny_study_end_to_end(tiny_study):
     assert {r["model"] for r in res.rows if r["style"] == "mixed"} == {"small_cnn", "alexnet_skip"}
     summary = json.loads((res.out / "study.json").read_text())
     assert summary["threads"] == 1 and summary["size"]["name"] == "tiny"
-    if cv.faults_supported():
-        faulty = [r for r in res.rows if r["is_faulty"]]
-        assert len(faulty) == len([c for c in plan.conditions if c.faulty is not None])
-        assert {t["fault_kind"] for t in res.auroc} == {"few-data"}
-        for r in faulty:  # the fault really applied: 10 % of the client's training data
-            peer = next(p for p in res.rows if p["condition"] == r["condition"] and not p["is_faulty"])
-            assert r["num_examples"] < peer["num_examples"] / 3, f"few-data did not apply in {r['condition']}"
-    else:
-        assert summary["skipped_conditions"] and res.auroc == []
+    faulty = [r for r in res.rows if r["is_faulty"]]
+    assert len(faulty) == len([c for c in plan.conditions if c.faulty is not None])
+    assert {t["fault_kind"] for t in res.auroc} == {"few-data"}
+    for r in faulty:  # the fault really applied: 10 % of the client's training data
+        peer = next(p for p in res.rows if p["condition"] == r["condition"] and not p["is_faulty"])
+        assert r["num_examples"] < peer["num_examples"] / 3, f"few-data did not apply in {r['condition']}"
 
 
 def test_leave_one_out_is_read_from_the_run_without_the_client(tiny_study):

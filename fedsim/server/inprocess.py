@@ -156,7 +156,7 @@ class InProcessGrid(Grid):
         node_id = msg.metadata.dst_node_id
         context = copy.deepcopy(self.contexts[node_id])
         try:
-            with _torch_threads(self._num_threads):
+            with torch_threads(self._num_threads):
                 reply = self._app(copy.deepcopy(msg), context)
         except Exception as exc:  # noqa: BLE001  (reported as an error reply, like Flower's Simulation Engine)
             logger.error("ClientApp failed on node %d (%s):\n%s", node_id, msg.metadata.message_type, traceback.format_exc())
@@ -184,7 +184,8 @@ def ray_client_threads(client_cpus: float) -> int:
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads in this process (``None``: leave the setting alone)."""
     if n is None:
         yield
         return

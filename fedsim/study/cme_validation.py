@@ -67,6 +67,7 @@ import numpy as np
 
 from fedsim.config import RunConfig
 from fedsim.rundir import atomic_write_bytes, finite_json
+from fedsim.server.inprocess import torch_threads
 from fedsim.study.federation import FederationJob, client_updates
 from fedsim.study.stats import auroc
 
@@ -273,19 +274,6 @@ def _thread_env(threads: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextmanager
-def _process_threads(threads: int) -> Iterator[None]:
-    """Run with ``threads`` torch threads in this process (server side included, as in a worker)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _run_job(
     job: FederationJob, root: str, threads: int, keep_cme: bool, refresh_cme: bool = False
 ) -> tuple[str, dict[str, Any] | None, str | None]:
@@ -320,7 +308,7 @@ def execute(
         )
 
     if workers <= 1:
-        with _process_threads(threads):
+        with torch_threads(threads):  # server side included, as in a worker process
             for job in jobs:
                 done(*_run_job(job, str(out), threads, keep_cme, refresh_cme))
     else:

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
     run.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout,
+        help="seconds to wait for the clients' replies in a round (default: %(default)s)",
+    )
+    run.add_argument(
         "--task-option",
         dest="task_options",
         action="append",

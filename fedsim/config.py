@@ -137,12 +137,15 @@ class RunConfig:
         for name in ("global_test_fraction", "local_test_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.client_cpus <= 0:
-            raise ConfigError(f"client_cpus must be > 0, got {self.client_cpus}")
-        if self.client_gpus is not None and self.client_gpus < 0:
-            raise ConfigError(f"client_gpus must be >= 0, got {self.client_gpus}")
-        if self.node_timeout <= 0 or self.round_timeout <= 0:
-            raise ConfigError("node_timeout and round_timeout must be > 0 seconds")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if not (math.isfinite(self.client_cpus) and self.client_cpus > 0):
+            raise ConfigError(f"client_cpus must be a number > 0, got {self.client_cpus}")
+        if self.client_gpus is not None and not (math.isfinite(self.client_gpus) and self.client_gpus >= 0):
+            raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus}")
+        for name in ("node_timeout", "round_timeout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
         if self.models and len(self.models) != self.clients:
             raise ConfigError(f"models lists {len(self.models)} models for {self.clients} clients; give one per client")
         if self.fractions and len(self.fractions) != self.clients:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from fedsim._logging import logger
 from fedsim.clients.tasks import get_task, resolve_config
+from fedsim.clients.tasks.resolve import cuda_available
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -38,6 +39,11 @@ def run_simulation(cfg: RunConfig) -> None:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
+    if cfg.client_gpus > 0 and not cuda_available():
+        raise ConfigError(
+            f"client_gpus={cfg.client_gpus:g} but this machine has no CUDA GPU: Ray would wait for one forever; "
+            "use --client-gpus 0 (or leave it unset: 1 with CUDA, else 0)"
+        )
     if cfg.client_cpus > (os.cpu_count() or 1):
         raise ConfigError(
             f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer"

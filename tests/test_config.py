@@ -132,3 +132,41 @@ def test_cli_refuses_a_bad_fault_with_exit_code_2(tmp_path, capsys):
     code = main(["run", "--profile", "tiny", "--fault", "1:few-data:2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "few-data LEVEL is a share in (0, 1]" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
+        (["--client-cpus", "nan"], "client_cpus must be a number > 0, got nan"),
+        (["--client-gpus", "nan"], "client_gpus must be a number >= 0, got nan"),
+        (["--round-timeout", "0"], "round_timeout must be a number of seconds > 0, got 0.0"),
+        (["--node-timeout", "inf"], "node_timeout must be a number of seconds > 0, got inf"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors_with_exit_code_2(args, message, tmp_path, capsys):
+    from fedsim.cli import main
+
+    code = main(["run", "--profile", "tiny", *args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"fedsim: error: {message}\n" and not (tmp_path / "o").exists()
+
+
+def test_gpus_requested_without_cuda_are_refused_before_ray(tmp_path, capsys, monkeypatch):
+    import fedsim.simulation as sim
+    from fedsim.cli import main
+
+    monkeypatch.setattr(sim, "cuda_available", lambda: False)
+    monkeypatch.setattr(sim, "backend_config", lambda cfg: pytest.fail("Ray must not be configured"))
+    code = main(
+        ["run", "--profile", "tiny", "--models", "small_cnn,small_cnn,small_cnn", "--client-gpus", "1", "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "client_gpus=1 but this machine has no CUDA GPU" in err and "--client-gpus 0" in err
+
+
+def test_round_timeout_flag_reaches_the_config():
+    from fedsim.cli import _config_from_args, build_parser
+
+    cfg = _config_from_args(build_parser().parse_args(["run", "--round-timeout", "90"]))
+    assert cfg.round_timeout == 90.0

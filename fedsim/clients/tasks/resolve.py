@@ -39,7 +39,7 @@ def resolve_config(cfg: RunConfig) -> ResolvedConfig:
         same = models and len(set(models)) == 1
         filled["server_model"] = models[0] if same else cfg.scenario_spec.server_model
     if cfg.client_gpus is None:
-        filled["client_gpus"] = 1.0 if _cuda_available() else 0.0
+        filled["client_gpus"] = 1.0 if cuda_available() else 0.0
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} | filled
     resolved = ResolvedConfig(**values)
     check_names(resolved)
@@ -60,7 +60,8 @@ def check_names(cfg: ResolvedConfig) -> None:
             raise UnknownNameError(f"unknown model {m!r} for task {cfg.task!r}; valid choices: {', '.join(choices)}")
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU here (imports torch only when asked)."""
     import torch
 
     return torch.cuda.is_available()

@@ -13,7 +13,7 @@ aggregated (same-model scenarios) it is also evaluated on the held-out global te
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,10 @@ class ClientFailedError(RuntimeError):
     """A client replied with an error; the run stops (rounds already written are kept)."""
 
 
+class NonFiniteUpdateError(ClientFailedError):
+    """A client returned NaN or infinite parameters; the run stops before they are aggregated."""
+
+
 class OrderedGrid(Grid):
     """A :class:`~flwr.serverapp.Grid` that returns replies sorted by the clients' partition id,
     and stops the run when a client failed; every other call goes to the wrapped grid.
@@ -96,10 +100,28 @@ class OrderedGrid(Grid):
         if errors:
             detail = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
             raise ClientFailedError(f"{len(errors)} of {len(replies)} clients failed: {detail}")
+        check_finite(replies)
         if self._on_reply is not None:
             for m in replies:
                 self._on_reply(m)
         return replies
+
+
+def check_finite(replies: Sequence[Message]) -> None:
+    """Refuse replies carrying non-finite parameters (:class:`NonFiniteUpdateError`, naming the
+    clients and a tensor each), so one diverged hospital cannot turn the average into NaN."""
+    bad = []
+    for m in replies:
+        for record in m.content.array_records.values():
+            name = next((k for k, a in record.items() if not np.isfinite(a.numpy()).all()), None)
+            if name is not None:
+                bad.append(f"client {_partition_of(m)[1]} ({name})")
+                break
+    if bad:
+        raise NonFiniteUpdateError(
+            f"non-finite parameters from {', '.join(bad)}; stopped before aggregating them "
+            "(the rounds so far are kept; a lower learning rate usually helps)"
+        )
 
 
 def _partition_of(msg: Message) -> tuple[int, int]:

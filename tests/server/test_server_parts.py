@@ -115,3 +115,36 @@ def test_ordered_grid_hands_cme_records_to_the_archive_and_leaves_replies_alone(
     assert all("cme" in m.content.config_records for m in out)  # read, not removed (no reply mutation)
     arch = CMEArchive(tmp_path)
     assert arch.clients == [0, 1] and arch.rounds(1) == [4]
+
+
+def test_non_finite_parameters_are_refused_before_aggregation():
+    from fedsim.server.app import NonFiniteUpdateError
+
+    def reply(pid, value):
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"head.w": Array(np.array([1.0, value], dtype=np.float32))}),
+                "metrics": MetricRecord({"partition-id": pid, "num-examples": 1}),
+            }
+        )
+        return Message(content=content, dst_node_id=pid + 1, message_type="train")
+
+    ok = OrderedGrid(FakeGrid([1], [reply(0, 2.0), reply(1, 3.0)]))
+    assert len(ok.send_and_receive([])) == 2
+    bad = OrderedGrid(FakeGrid([1], [reply(0, 2.0), reply(2, np.inf), reply(1, np.nan)]))
+    with pytest.raises(NonFiniteUpdateError, match=r"non-finite parameters from client 1 \(head\.w\), client 2 \(head\.w\); stopped"):
+        bad.send_and_receive([])
+
+
+def test_an_exploding_learning_rate_stops_the_run_with_a_clear_error(tmp_path):
+    """`--lr 1e30` used to exit 0 with NaN parameters; now the server stops at the first NaN update."""
+    from fedsim.clients.app import app
+    from fedsim.clients.tasks import resolve_config
+    from fedsim.config import RunConfig
+    from fedsim.server.app import NonFiniteUpdateError, run_server
+    from fedsim.server.inprocess import InProcessGrid
+
+    cfg = resolve_config(RunConfig(profile="tiny", models=("small_cnn",) * 3, lr=1e30, out=str(tmp_path / "run")))
+    with pytest.raises(NonFiniteUpdateError, match="non-finite parameters from client"):
+        run_server(InProcessGrid(app, 3, num_threads=1), cfg)
+    assert not (tmp_path / "run" / "global_params.safetensors").exists()

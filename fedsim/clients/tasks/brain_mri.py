@@ -122,11 +122,11 @@ class BrainMRITask(CohortTask):
         images, labels = cohort(cfg, data_dir)
         _, (train_idx, test_idx) = self.client_split(cfg, partition_id, data_dir)
         if cfg.site_styles:
-            images = apply_site_style(images[np.concatenate([train_idx, test_idx])], partition_id, cfg.seed)
-            tr, te = images[: len(train_idx)], images[len(train_idx) :]
+            styled = apply_site_style(images[np.concatenate([train_idx, test_idx])], partition_id, cfg.seed)
+            tr, te = styled[: len(train_idx)], styled[len(train_idx) :]
             shift = self.options(cfg).shift_round
             if shift and server_round >= shift:  # the training images' scanner changed
-                tr = apply_site_style(cohort(cfg, data_dir)[0][train_idx], (partition_id + 1) % cfg.clients, cfg.seed)
+                tr = apply_site_style(images[train_idx], (partition_id + 1) % cfg.clients, cfg.seed)
         else:
             tr, te = images[train_idx], images[test_idx]
         train_labels = self.train_labels(cfg, partition_id, labels, train_idx)

@@ -115,12 +115,16 @@ def _nominal_landmarks(jaw: float) -> np.ndarray:
 @dataclass(frozen=True)
 class CTCase:
     """One CT case: ``volume`` float32 ``(X, Y, Z)`` in [0, 1], ``landmarks`` float64 ``(L, 3)``
-    voxel coordinates (NaN rows = missing), ``spacing`` float64 ``(3,)`` mm per voxel."""
+    voxel coordinates (NaN rows = missing), ``spacing`` float64 ``(3,)`` mm per voxel, and
+    ``centre``: where the scanned volume's centre lies in ``volume``'s voxel coordinates when
+    ``volume`` is only a region of it (native-resolution loading keeps just the region crops can
+    touch); ``None`` = ``volume`` is the whole scan."""
 
     volume: np.ndarray
     landmarks: np.ndarray
     spacing: np.ndarray
     name: str
+    centre: np.ndarray | None = None
 
     @property
     def present(self) -> np.ndarray:

@@ -14,6 +14,13 @@ the tokens of those k regions. A local positional term (LePE, a depthwise 5x5x5 
 regions this is exactly full multi-head self-attention (+ LePE + projection); small ``k`` makes the
 cost grow with ``k`` instead of the number of regions.
 
+**Heads and scale** (:data:`ATTENTION_SCHEMES`): ``fedsim`` (the default) uses heads of
+``H3DEArch.head_dim`` channels (32 at the paper widths) and the usual ``head_dim ** -0.5`` scale;
+``authors`` is the released code (``models/BiFormer/bra_legacy.py`` as configured by
+``models/PBiFormer_Unet.py``): heads of 8 channels (8/16/32/64 heads at the paper widths) and the
+scale ``channels ** -0.5`` (``qk_dim ** -0.5`` with ``qk_dim = dim``), so each head's logits are
+``sqrt(heads)`` times flatter than with a per-head scale.
+
 The three landmark models registered for the ``h3denet`` task combine them with a head:
 ``h3denet`` (anchor-ball head), ``h3denet_heatmap`` (heatmap head, the paper's baseline head) and
 ``unet3d``; widths come from :data:`WIDTHS` by ``size``. Build one with
@@ -22,7 +29,7 @@ The three landmark models registered for the ``h3denet`` task combine them with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +44,23 @@ from fedsim.models.registry import register_model
 class BiLevelRoutingAttention3d(nn.Module):
     """BRA on channels-last tokens ``(B, X, Y, Z, C)`` (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int, regions: tuple[int, int, int] = (4, 4, 2), topk: int = 4, lepe_kernel: int = 5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        regions: tuple[int, int, int] = (4, 4, 2),
+        topk: int = 4,
+        lepe_kernel: int = 5,
+        qk_scale: float | None = None,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if len(regions) != 3 or min(regions) < 1 or topk < 1:
             raise ValueError(f"regions must be three positive counts and topk >= 1, got {regions} and {topk}")
         self.dim, self.num_heads, self.regions, self.topk = dim, num_heads, tuple(regions), topk
-        self.scale = (dim // num_heads) ** -0.5
+        # the attention-logit scale: head_dim ** -0.5 unless given (the authors: dim ** -0.5)
+        self.scale = (dim // num_heads) ** -0.5 if qk_scale is None else float(qk_scale)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.lepe = nn.Conv3d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim)
         self.proj = nn.Linear(dim, dim)
@@ -88,11 +104,13 @@ class BiLevelRoutingAttention3d(nn.Module):
 class H3DEBlock(nn.Module):
     """``x += DWConv3d(x)`` (positional encoding); ``x += BRA(LN(x))``; ``x += MLP(LN(x))``; channels-last."""
 
-    def __init__(self, dim: int, num_heads: int, topk: int, regions: tuple[int, int, int], mlp_ratio: int) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, topk: int, regions: tuple[int, int, int], mlp_ratio: int, qk_scale: float | None = None
+    ) -> None:
         super().__init__()
         self.pos = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = BiLevelRoutingAttention3d(dim, num_heads, regions, topk)
+        self.attn = BiLevelRoutingAttention3d(dim, num_heads, regions, topk, qk_scale=qk_scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
@@ -104,7 +122,9 @@ class H3DEBlock(nn.Module):
 
 @dataclass(frozen=True)
 class H3DEArch:
-    """Encoder widths/depths per stage, BRA top-k per stage, region grid; defaults are the paper's."""
+    """Encoder widths/depths per stage, BRA top-k per stage, region grid, heads of ``head_dim``
+    channels and the attention scale (``"head"``: ``head_dim ** -0.5``; ``"channels"``: the
+    authors' ``width ** -0.5``); defaults are the paper's widths with fedsim's heads and scale."""
 
     widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     depths: tuple[int, int, int, int] = (2, 2, 4, 2)
@@ -113,8 +133,11 @@ class H3DEArch:
     stem_width: int = 32
     mlp_ratio: int = 4
     head_dim: int = 32
+    scale: str = "head"
 
     def __post_init__(self) -> None:
+        if self.scale not in ("head", "channels"):
+            raise ValueError(f"unknown attention scale {self.scale!r}; valid choices: head, channels")
         for name in ("widths", "depths", "topk"):
             v = getattr(self, name)
             if len(v) != 4 or min(v) < 1:
@@ -129,6 +152,23 @@ class H3DEArch:
         while width % n:
             n -= 1
         return n
+
+    def qk_scale(self, width: int) -> float | None:
+        """The BRA scale of a stage of ``width`` channels (``None``: per head, ``head_dim ** -0.5``)."""
+        return width**-0.5 if self.scale == "channels" else None
+
+    def with_attention(self, scheme: str) -> H3DEArch:
+        """These widths with the heads and scale of ``scheme`` (:data:`ATTENTION_SCHEMES`):
+        ``fedsim`` keeps them, ``authors`` sets heads of 8 channels and the ``width ** -0.5`` scale."""
+        if scheme not in ATTENTION_SCHEMES:
+            raise ConfigError(f"unknown attention scheme {scheme!r}; valid choices: {', '.join(ATTENTION_SCHEMES)}")
+        return self if scheme == "fedsim" else replace(self, head_dim=AUTHORS_HEAD_DIM, scale="channels")
+
+
+#: Heads and scale of the BRA: fedsim's (``H3DEArch.head_dim``, per-head scale) or the authors'.
+ATTENTION_SCHEMES = ("fedsim", "authors")
+#: The released code's head size (``models/PBiFormer_Unet.py``: 8/16/32/64 heads at 64-512 channels).
+AUTHORS_HEAD_DIM = 8
 
 
 def _conv_norm(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -163,7 +203,9 @@ class H3DEBackbone(nn.Module):
         self.stem = nn.Sequential(*_conv_norm(in_channels, a.stem_width, 2), nn.GELU(), *_conv_norm(a.stem_width, w[0], 2))
         self.downsample = nn.ModuleList(nn.Sequential(*_conv_norm(w[i], w[i + 1], 2)) for i in range(3))
         self.stages = nn.ModuleList(
-            nn.Sequential(*(H3DEBlock(w[i], a.heads(w[i]), a.topk[i], a.regions, a.mlp_ratio) for _ in range(a.depths[i])))
+            nn.Sequential(
+                *(H3DEBlock(w[i], a.heads(w[i]), a.topk[i], a.regions, a.mlp_ratio, a.qk_scale(w[i])) for _ in range(a.depths[i]))
+            )
             for i in range(4)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(w[i]) for i in range(4))
@@ -246,27 +288,34 @@ def landmark_widths(size: str) -> LandmarkWidths:
 
 
 @register_model("h3denet", tasks=("h3denet",))
-def build_h3denet(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
-    """H3DE-Net: the BRA encoder + multi-scale decoder with the anchor-ball head."""
-    backbone = H3DEBackbone(landmark_widths(size).h3de)
-    return LandmarkNet(backbone, AnchorHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
+def build_h3denet(size: str = "paper", num_landmarks: int = NUM_LANDMARKS, attention: str = "fedsim", head: str = "fedsim") -> LandmarkNet:
+    """H3DE-Net: the BRA encoder + multi-scale decoder with the anchor-ball head; ``attention``
+    and ``head`` pick fedsim's or the authors' heads/scale and targets/loss/decoding."""
+    backbone = H3DEBackbone(landmark_widths(size).h3de.with_attention(attention))
+    return LandmarkNet(backbone, AnchorHead(backbone.out_channels, num_landmarks, stride=backbone.stride, scheme=head))
 
 
 @register_model("h3denet_heatmap", tasks=("h3denet",))
-def build_h3denet_heatmap(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
-    """The H3DE-Net backbone with the heatmap head (the paper's baseline head)."""
-    backbone = H3DEBackbone(landmark_widths(size).h3de)
+def build_h3denet_heatmap(
+    size: str = "paper", num_landmarks: int = NUM_LANDMARKS, attention: str = "fedsim", head: str = "fedsim"
+) -> LandmarkNet:
+    """The H3DE-Net backbone with the heatmap head (the paper's baseline head); ``head`` is
+    accepted for a uniform task config and has no effect on the heatmap head."""
+    backbone = H3DEBackbone(landmark_widths(size).h3de.with_attention(attention))
     return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
 
 
 @register_model("unet3d", tasks=("h3denet",))
-def build_unet3d(size: str = "paper", num_landmarks: int = NUM_LANDMARKS) -> LandmarkNet:
-    """A plain 3D U-Net with the heatmap head at full resolution (the paper's UNet3D baseline)."""
+def build_unet3d(size: str = "paper", num_landmarks: int = NUM_LANDMARKS, attention: str = "fedsim", head: str = "fedsim") -> LandmarkNet:
+    """A plain 3D U-Net with the heatmap head at full resolution (the paper's UNet3D baseline);
+    ``attention`` and ``head`` are accepted for a uniform task config and have no effect."""
     backbone = UNet3DBackbone(landmark_widths(size).unet)
     return LandmarkNet(backbone, HeatmapHead(backbone.out_channels, num_landmarks, stride=backbone.stride))
 
 
 __all__ = [
+    "ATTENTION_SCHEMES",
+    "AUTHORS_HEAD_DIM",
     "WIDTHS",
     "BiLevelRoutingAttention3d",
     "H3DEArch",

@@ -12,22 +12,46 @@ Coordinates are voxel indices of the network input (voxel centres at integers). 
 ``i`` at stride ``s`` covers input voxels ``s*i .. s*i + s - 1``; in *grid units*
 ``u = (p + 0.5) / s - 0.5`` its centre is ``u = i``.
 
-**Anchor-ball head** (H3DE-Net, arXiv 2502.14221, after the authors' public code): a 1x1x1
-convolution predicts, per cell and for each of 4 anchors with radii ``(0.5, 0.75, 1, 1.25)`` cells,
-3 offsets and ``L`` landmark logits. A cell/anchor is *positive* for a landmark when the landmark
-lies within the anchor on every axis (``|u_l - i| <= r`` per axis); when several landmarks qualify,
-the nearest owns it. Offsets are ``tanh``-bounded, ``u = i + r * tanh(o)``, and regressed with
-SmoothL1 against ``(u_l - i) / r``. Classification: BCE on the owner's logit at positive
-cells, down-weighted BCE (``other_weight``) on the other landmarks' logits there, and hard-negative
-mining elsewhere: per sample and landmark the highest-scoring negative cells (``neg_ratio`` per
-positive; for a **missing landmark**, which has no positive anywhere, the ``missing_negatives``
-highest) are pushed to 0, so the head learns to stay silent on absent anatomy. Decoding: per
-landmark the ``topk`` (15) highest-scoring anchors vote with their decoded positions and the
-**medoid** of those candidates (the candidate with the smallest summed distance to the others)
-is the prediction: robust to a few stray votes. We weight each distance by the other candidate's
-probability (``sigmoid`` of its logit): with equal scores this is the authors' plain medoid, and
-a landmark with fewer than 15 positive anchors (near the border, or sharing cells with a
-neighbour) is not outvoted by the low-scoring anchors that fill up its top 15.
+**Anchor-ball head** (H3DE-Net, arXiv 2502.14221): a 1x1x1 convolution predicts, per cell and
+for each of 4 anchors with radii ``(0.5, 0.75, 1, 1.25)`` cells, 3 offsets and ``L`` landmark
+logits. Two variants of targets, loss and decoding exist (``scheme``):
+
+``scheme="fedsim"`` (the default; fedsim's own design, *not* the authors' loss): a cell/anchor is
+*positive* for a landmark when the landmark lies within the anchor on every axis (``|u_l - i| <=
+r`` per axis); when several landmarks qualify, the nearest owns it. Offsets are ``tanh``-bounded,
+``u = i + r * tanh(o)``, and regressed with SmoothL1 (beta 1/9, summed over xyz, per positive)
+against ``(u_l - i) / r``. Classification: BCE on the owner's logit at positive cells,
+down-weighted BCE (``other_weight`` 0.1) on the other landmarks' logits there, and hard-negative
+mining everywhere else: per sample and landmark the highest-scoring negative cells (``neg_ratio``
+3 per positive, weight 1; for a **missing landmark**, which has no positive anywhere, the
+``missing_negatives`` 32 highest) are pushed to 0. Decoding: the ``topk`` (15) highest-scoring
+anchors of the sample vote with their decoded positions and their score-weighted **medoid** is
+the prediction: each distance is weighted by the other candidate's probability (``sigmoid`` of
+its logit), so a landmark with fewer than 15 positive anchors (near the border, or sharing cells
+with a neighbour) is not outvoted by the low-scoring anchors that fill up its top 15. Grid units
+``u = (p + 0.5) / s - 0.5`` put a cell's centre at the centre of the ``s`` voxels it covers.
+
+``scheme="authors"`` (the released code: ``data_utils/transforms.LandmarkProposal``,
+``models/losses.HNM_propmap``, ``utils.metric_proposal``): grid units ``u = p / s`` (a cell's
+anchor sits on its first voxel, 1.5 voxels from the centre of the 4 it covers at stride 4);
+positive when ``|u_l - i| < r`` on every axis (strict), and a cell/anchor inside the balls of
+several landmarks is a positive of *each* (one proposal per landmark). With ``P`` positive
+proposals the loss is
+
+* ``BCE(owner logit, 1)`` averaged over the ``P`` proposals;
+* ``1/(L-1) * BCE(other landmarks' logits, 0)`` averaged over the ``P (L-1)`` logits;
+* for each landmark missing in ``m`` samples of the batch: the ``m * A * 256`` highest logits of
+  that landmark over the *whole batch* (all samples, anchors and cells, positives included),
+  all concatenated, ``0.2 * BCE(., 0)`` averaged over them;
+* ``0.001 * BCE(raw output, 0)`` averaged over *every* output value, the 3 offset channels
+  included (a quirk of the release, kept);
+* ``SmoothL1(tanh(o), (u_l - i) / r)`` with beta 1, averaged over the ``3 P`` values.
+
+Decoding takes the top 15 anchors of the sample and their plain (unweighted) medoid at
+``(i + r tanh(o)) * s``. (The release takes the top 15 over the whole evaluation batch, which is
+the same at its batch size 1; its truncation to 400 proposals per anchor and sample never
+applies to 14 landmarks, at most 27 cells each.)
+
 
 **Heatmap head** (the usual baseline): a 1x1x1 convolution to ``L`` channels, upsampled
 (trilinear) to the input resolution; targets are Gaussians of ``sigma`` voxels at present
@@ -43,6 +67,11 @@ import torch.nn.functional as F
 from torch import nn
 
 ANCHOR_RADII = (0.5, 0.75, 1.0, 1.25)
+#: Target / loss / decoding schemes of :class:`AnchorHead` (see the module docstring).
+ANCHOR_SCHEMES = ("fedsim", "authors")
+#: The authors' ``HNM_propmap`` constants: hard negatives per missing landmark and anchor, their
+#: weight, and the weight of the whole-map background BCE.
+AUTHORS_HARD_NUM, AUTHORS_HNM_WEIGHT, AUTHORS_NOOBJ_WEIGHT = 256, 0.2, 0.001
 
 
 def _spatial(x: torch.Tensor) -> tuple[int, int, int]:
@@ -70,10 +99,14 @@ class AnchorHead(nn.Module):
         neg_ratio: int = 3,
         missing_negatives: int = 32,
         topk: int = 15,
+        scheme: str = "fedsim",
     ) -> None:
         super().__init__()
         if num_landmarks < 1 or stride < 1 or not radii or min(radii) <= 0:
             raise ValueError(f"need num_landmarks >= 1, stride >= 1 and positive radii; got {num_landmarks}, {stride}, {radii}")
+        if scheme not in ANCHOR_SCHEMES:
+            raise ValueError(f"unknown anchor-head scheme {scheme!r}; valid choices: {', '.join(ANCHOR_SCHEMES)}")
+        self.scheme = scheme
         self.num_landmarks = num_landmarks
         self.stride = stride
         self.radii = tuple(float(r) for r in radii)  # not a buffer: models are also built on "meta"
@@ -101,10 +134,62 @@ class AnchorHead(nn.Module):
         return torch.tanh(out[:, :, :3]), out[:, :, 3:]
 
     def to_grid(self, p: torch.Tensor) -> torch.Tensor:
+        """Voxel coordinates -> grid units (``p / s`` for the authors' scheme)."""
+        if self.scheme == "authors":
+            return p / self.stride
         return (p + 0.5) / self.stride - 0.5
 
     def to_voxel(self, u: torch.Tensor) -> torch.Tensor:
+        """Grid units -> voxel coordinates (``u * s`` for the authors' scheme)."""
+        if self.scheme == "authors":
+            return u * self.stride
         return (u + 0.5) * self.stride - 0.5
+
+    def authors_targets(self, landmarks: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' proposals: ``inside`` ``(B, A, L, G)`` (strict ``|u_l - i| < r`` on every
+        axis, any number of landmarks per cell) and offset targets ``(B, A, L, 3, G)`` =
+        ``(u_l - i) / r`` (NaN for missing landmarks)."""
+        u = self.to_grid(landmarks.float())  # (B, L, 3)
+        centres = _grid_centres(grid, landmarks.device, torch.float32).flatten(1)  # (3, G)
+        d = u[:, :, :, None] - centres[None, None]  # (B, L, 3, G)
+        r = self._radii(u)[None, :, None, None, None]  # (1, A, 1, 1, 1)
+        inside = (d.abs()[:, None] < r).all(3)  # (B, A, L, G); NaN compares False
+        return inside, d[:, None] / r
+
+    def authors_loss(self, out: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """The released ``HNM_propmap`` loss (see the module docstring), vectorised."""
+        b = out.shape[0]
+        a, num_l = self.num_anchors, self.num_landmarks
+        raw = out.view(b, a, 3 + num_l, -1)  # (B, A, 3 + L, G)
+        inside, target = self.authors_targets(landmarks, _spatial(out))  # (B, A, L, G), (B, A, L, 3, G)
+        logits = raw[:, :, 3:]  # (B, A, L, G)
+        bce = F.binary_cross_entropy_with_logits
+        loss = AUTHORS_NOOBJ_WEIGHT * bce(out, torch.zeros_like(out))
+        n_pos = int(inside.sum())
+        if n_pos:
+            loss = loss + bce(logits[inside], torch.ones(n_pos, device=out.device, dtype=out.dtype))
+            if num_l > 1:  # the other landmarks' logits at every positive proposal
+                idx = inside.permute(0, 1, 3, 2).nonzero()  # (P, 4): sample, anchor, cell, owner
+                rows = logits.permute(0, 1, 3, 2)[idx[:, 0], idx[:, 1], idx[:, 2]]  # (P, L)
+                keep = torch.ones_like(rows, dtype=torch.bool)
+                keep[torch.arange(n_pos, device=out.device), idx[:, 3]] = False
+                neg = rows[keep]
+                loss = loss + bce(neg, torch.zeros_like(neg)) / (num_l - 1)
+            off = torch.tanh(raw[:, :, :3])  # (B, A, 3, G)
+            pred = off[:, :, None].expand(b, a, num_l, 3, off.shape[-1]).permute(0, 1, 2, 4, 3)[inside]  # (P, 3)
+            tgt = target.permute(0, 1, 2, 4, 3)[inside]
+            loss = loss + F.smooth_l1_loss(pred, tgt, beta=1.0)
+        missing = torch.isnan(landmarks).any(-1)  # (B, L)
+        hard = []
+        for lm in range(num_l):
+            m = int(missing[:, lm].sum())
+            if m:
+                values = logits[:, :, lm].reshape(-1)
+                hard.append(values.topk(min(m * a * AUTHORS_HARD_NUM, values.numel())).values)
+        if hard:
+            h = torch.cat(hard)
+            loss = loss + AUTHORS_HNM_WEIGHT * bce(h, torch.zeros_like(h))
+        return loss
 
     @torch.no_grad()
     def assign(self, landmarks: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +214,10 @@ class AnchorHead(nn.Module):
         return owner.view(b, self.num_anchors, *grid), target.view(b, self.num_anchors, 3, *grid)
 
     def loss(self, out: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """Offset SmoothL1 + owner BCE + down-weighted other-landmark BCE + hard-negative BCE."""
+        """The training loss of the head's ``scheme``: fedsim's (offset SmoothL1 + owner BCE +
+        down-weighted other-landmark BCE + hard-negative BCE) or :meth:`authors_loss`."""
+        if self.scheme == "authors":
+            return self.authors_loss(out, landmarks)
         off, logits = self._split(out)
         b, a, num_l = logits.shape[:3]
         owner, target = self.assign(landmarks, _spatial(out))
@@ -179,7 +267,10 @@ class AnchorHead(nn.Module):
         top = scores.topk(k, dim=-1)  # (B, L, k)
         cand = torch.gather(pos[:, None].expand(b, num_l, -1, 3), 2, top.indices[..., None].expand(b, num_l, k, 3))
         flat = cand.reshape(b * num_l, k, 3).double()
-        weight = torch.sigmoid(top.values.double()).reshape(b * num_l, 1, k)
+        if self.scheme == "authors":  # plain medoid (utils.min_distance_voting)
+            weight = torch.ones(b * num_l, 1, k, dtype=torch.float64, device=out.device)
+        else:
+            weight = torch.sigmoid(top.values.double()).reshape(b * num_l, 1, k)
         medoid = (torch.cdist(flat, flat) * weight).sum(-1).argmin(-1).view(b, num_l)
         return torch.gather(cand, 2, medoid[..., None, None].expand(b, num_l, 1, 3))[:, :, 0]
 
@@ -258,4 +349,4 @@ class LandmarkNet(nn.Module):
         return self.head.decode(out)
 
 
-__all__ = ["ANCHOR_RADII", "AnchorHead", "HeatmapHead", "LandmarkNet", "gaussian_heatmaps"]
+__all__ = ["ANCHOR_RADII", "ANCHOR_SCHEMES", "AnchorHead", "HeatmapHead", "LandmarkNet", "gaussian_heatmaps"]

@@ -17,7 +17,7 @@ from fedsim.models.h3denet import WIDTHS
 from fedsim.models.landmark_heads import LandmarkNet
 from fedsim.models.sharing import shared_parameter_names
 
-METRICS = {"loss", "mre", "sd", "sdr-2mm", "sdr-2.5mm", "sdr-3mm", "sdr-4mm", "landmarks"}
+METRICS = {"loss", "mre", "sd", "mre-case", "sd-case", "sdr-2mm", "sdr-2.5mm", "sdr-3mm", "sdr-4mm", "landmarks"}
 METRICS |= {f"{k}-missing" for k in METRICS - {"loss", "landmarks"}}
 
 
@@ -152,8 +152,9 @@ def test_fedprox_term_keeps_the_weights_near_the_received_ones():
 
 
 def test_real_layout_folder_trains_and_evaluates_at_the_working_size(tmp_path):
-    """Cases in the authors' layout (any size) are resampled once to 1.25 x the crop; landmarks
-    keep their physical distances; local training and evaluation run on the node's folder."""
+    """With ``resolution=fit``, cases in the authors' layout (any size) are resampled once to
+    1.25 x the crop; landmarks keep their physical distances; local training and evaluation run on
+    the node's folder."""
     from fedsim.data.ct_folder import write_ct_case
     from fedsim.data.synthetic_ct import generate_case
 
@@ -162,7 +163,7 @@ def test_real_layout_folder_trains_and_evaluates_at_the_working_size(tmp_path):
         hu = c.volume * 3000.0 - 1000.0  # as HU
         write_ct_case(tmp_path, f"case{i:02d}", hu, c.landmarks, c.spacing)
     task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
-    cfg = _cfg(local_epochs=1)
+    cfg = _cfg(local_epochs=1, task_options=(("resolution", "fit"),))
     _, (train_idx, test_idx) = task.client_split(cfg, 0, str(tmp_path))
     assert len(train_idx) + len(test_idx) == 6 and len(test_idx) >= 1
     cases = task.cases(cfg, np.arange(6), str(tmp_path))

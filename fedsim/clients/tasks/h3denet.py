@@ -11,10 +11,33 @@ among clients; each client splits its share into train / local test (``local_tes
 The global and local test sets are stratified by "has a missing landmark", so they hold
 incomplete cases whenever there are at least two to split.
 
-Preprocessing (:func:`fedsim.data.landmark_crop.prepare_case`): training zooms every case by a
-random factor in ``[zoom-min, zoom-max]`` (0.6-1: zoom-out) and places / crops it at random so all
-landmarks stay inside; evaluation uses the deterministic ``eval-zoom`` (0.8) and a centred
-placement. Errors are measured with the **resampled** voxel spacing.
+Recipes (``--task-option recipe=paper|authors``, default ``paper``): ``paper`` is fedsim's own
+reading of the paper (its anchor loss, heads and scale, isotropic zoom, an evaluation crop that
+does not look at the true landmarks); ``authors`` switches every item below to the behaviour of
+the released code (ECNUACRush/H3DE-Net), quirks included. Each item can also be set on its own
+(``auto`` = from the recipe); ``docs/task-fidelity.md`` lists every difference.
+
+* ``resolution``: ``native`` (real data: crops at the case's own spacing, zoomed out only when the
+  landmarks do not fit the crop, as the authors do; memory bounded by the crop: only the region
+  crops can touch is kept, :func:`fedsim.data.landmark_crop.native_region`) or ``fit`` (the whole
+  volume resampled to 1.25 x the crop, then zoomed by ``zoom-min``..``zoom-max`` / ``eval-zoom``
+  relative to fitting it into the crop: :func:`fedsim.data.landmark_crop.prepare_case`). ``auto``:
+  ``native`` for real data, ``fit`` for the synthetic cohort (generated at 1.25 x the crop, which
+  is its native grid).
+* ``head``: ``fedsim`` or ``authors`` targets / loss / decoding of the anchor head
+  (:mod:`fedsim.models.landmark_heads`); ``attention``: ``fedsim`` or ``authors`` BRA heads and
+  scale (:mod:`fedsim.models.h3denet`).
+* ``eval-centre`` (native resolution): ``volume`` (the evaluation crop is centred on the scan's
+  centre; the zoom is the largest <= 1 at which that crop holds the landmarks) or ``landmarks``
+  (the authors' ``CenterCrop``: centred on the true landmarks, a leak of the answer into the
+  input, kept only to reproduce their numbers).
+* training zoom at native resolution: ``paper`` draws one factor in ``[zoom-min, min(zoom-max,
+  fit)]`` for all axes; ``authors`` one per axis (their ``RandomCrop``).
+
+Errors are measured in mm with the spacing of the evaluated crop: the native spacing wherever the
+case was not zoomed, the resampled one otherwise. Metrics report both conventions: pooled
+(``mre``, ``sd``) and the paper's per-case (``mre-case``, ``sd-case``; :mod:`fedsim.metrics.landmarks`).
+The recipe does not change the profile's batch size (the authors use 4: pass ``--batch-size 4``).
 
 Training (paper section 4.1): Adam, lr from the profile (1e-3), betas (0.9, 0.98), weight decay
 5e-4, learning rate decayed by 0.98 per epoch, counted over the federation's epochs (round r,
@@ -27,9 +50,10 @@ the whole model is aggregated): ``h3denet`` (default: BRA encoder + decoder + an
 plain 3D U-Net with the heatmap head at full resolution). Widths depend on the profile (``size``:
 narrow for ``tiny``/``quick``, the paper's for ``paper``).
 
-Metrics (:mod:`fedsim.metrics.landmarks`): ``loss``, ``mre``, ``sd``, ``sdr-2mm``,
-``sdr-2.5mm``, ``sdr-3mm``, ``sdr-4mm`` over existing landmarks, the same suffixed ``-missing``
-over cases with missing landmarks, and ``landmarks`` (how many were scored).
+Metrics (:mod:`fedsim.metrics.landmarks`): ``loss``, ``mre``, ``sd`` (pooled), ``mre-case``,
+``sd-case`` (per-case means, the paper's convention), ``sdr-2mm``, ``sdr-2.5mm``, ``sdr-3mm``,
+``sdr-4mm`` over existing landmarks, the same suffixed ``-missing`` over cases with missing
+landmarks, and ``landmarks`` (how many were scored).
 """
 
 from __future__ import annotations
@@ -51,7 +75,7 @@ from fedsim.clients.tasks.scaffold import CohortTask
 from fedsim.clients.training import LocalTraining, Metrics, TrainStep
 from fedsim.config import ConfigError, Profile, ResolvedConfig
 from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
-from fedsim.data.landmark_crop import PreparedCase, prepare_case
+from fedsim.data.landmark_crop import PreparedCase, fit_zoom, landmark_centre, native_region, prepare_case, prepare_native
 from fedsim.data.partition import stratified_split
 from fedsim.data.synthetic_ct import NUM_LANDMARKS, CTCase, generate_case, missing_landmarks
 from fedsim.faults import fault_of, swapped_targets
@@ -79,7 +103,9 @@ class H3DENetOptions:
     * ``eval-zoom``: the deterministic zoom of evaluation (the middle of the training range);
     * ``lr-decay``: exponential learning-rate decay per epoch (0.98);
     * ``weight-decay``: Adam's weight decay (5e-4);
-    * ``num-landmarks``: landmarks per case (14, as in the authors' dataset and the synthetic cohort).
+    * ``num-landmarks``: landmarks per case (14, as in the authors' dataset and the synthetic cohort);
+    * ``recipe``: ``paper`` (default) or ``authors`` (see the module docstring);
+    * ``resolution``, ``head``, ``attention``, ``eval-centre``: one item each, ``auto`` = from the recipe.
     """
 
     zoom_min: float = 0.6
@@ -88,8 +114,17 @@ class H3DENetOptions:
     lr_decay: float = 0.98
     weight_decay: float = 5e-4
     num_landmarks: int = NUM_LANDMARKS
+    recipe: str = "paper"
+    resolution: str = "auto"
+    head: str = "auto"
+    attention: str = "auto"
+    eval_centre: str = "auto"
 
     def __post_init__(self) -> None:
+        for name, valid in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"unknown {name.replace('_', '-')} {value!r}; valid choices: {', '.join(valid)}")
         if not 0 < self.zoom_min <= self.zoom_max:
             raise ValueError(f"need 0 < zoom-min <= zoom-max, got {self.zoom_min} and {self.zoom_max}")
         if self.eval_zoom <= 0:
@@ -100,6 +135,40 @@ class H3DENetOptions:
             raise ValueError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.num_landmarks < 1:
             raise ValueError(f"num-landmarks must be >= 1, got {self.num_landmarks}")
+
+    def plan(self, real_data: bool) -> H3DEPlan:
+        """The concrete choice of every item for this data source (``auto`` resolved by the recipe)."""
+        authors = self.recipe == "authors"
+        pick = lambda v, paper, auth: (auth if authors else paper) if v == "auto" else v  # noqa: E731
+        default_resolution = "native" if real_data else "fit"
+        return H3DEPlan(
+            resolution=pick(self.resolution, default_resolution, default_resolution),
+            head=pick(self.head, "fedsim", "authors"),
+            attention=pick(self.attention, "fedsim", "authors"),
+            eval_centre=pick(self.eval_centre, "volume", "landmarks"),
+            isotropic=not authors,
+        )
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": ("paper", "authors"),
+    "resolution": ("auto", "native", "fit"),
+    "head": ("auto", "fedsim", "authors"),
+    "attention": ("auto", "fedsim", "authors"),
+    "eval_centre": ("auto", "volume", "landmarks"),
+}
+
+
+@dataclass(frozen=True)
+class H3DEPlan:
+    """Resolved recipe items: ``resolution`` (native / fit), ``head`` and ``attention`` schemes
+    (fedsim / authors), ``eval_centre`` (volume / landmarks), ``isotropic`` training zoom."""
+
+    resolution: str
+    head: str
+    attention: str
+    eval_centre: str
+    isotropic: bool
 
 
 def crop_shape(image_size: int) -> tuple[int, int, int]:
@@ -135,6 +204,58 @@ def _cases(data_dir: str, native: tuple[int, int, int], seed: int, indices: tupl
         return tuple(out)
     logger.info("generating %d synthetic CT cases of %s (seed %d)", len(indices), native, seed)
     return tuple(generate_case(i, native, seed) for i in indices)
+
+
+@functools.lru_cache(maxsize=6)
+def _native_cases(
+    data_dir: str, crop: tuple[int, int, int], indices: tuple[int, ...], num_landmarks: int, zoom_min: float, eval_centre: str
+) -> tuple[CTCase, ...]:
+    """Real cases at their native spacing: each volume is read, and only the region that the
+    training crops (zoom down to ``zoom_min``) and the evaluation crop can touch is kept
+    (:func:`native_region`), with the scan's centre in its coordinates."""
+    ids = _scan(data_dir)
+    logger.info("reading %d CT cases from %s at native resolution (crop %s)", len(indices), data_dir, crop)
+    out = []
+    for i in indices:
+        c = load_ct_case(data_dir, ids[i], num_landmarks)
+        centre = (np.asarray(c.volume.shape, dtype=np.float64) - 1) / 2
+        zoom, eval_ctr = _eval_view(c.landmarks, centre, crop, eval_centre, isotropic=True)  # the widest window of both
+        start, stop = native_region(c.volume.shape, c.landmarks, crop, zoom_min, zoom, eval_ctr)
+        roi = np.ascontiguousarray(c.volume[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]])
+        out.append(CTCase(roi, c.landmarks - start, c.spacing, c.name, centre - start))
+    return tuple(out)
+
+
+def _eval_view(
+    landmarks: np.ndarray, centre: np.ndarray, crop: tuple[int, int, int], eval_centre: str, isotropic: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zoom ``(3,)`` and centre of a native-resolution evaluation crop: centred on the scan's
+    ``centre`` with the largest zoom <= 1 at which it holds the landmarks (``volume``), or the
+    authors' ``CenterCrop`` (``landmarks``: centred on the landmarks' box, ``fit_zoom``)."""
+    if eval_centre == "landmarks":
+        ctr = landmark_centre(landmarks)
+        zoom = fit_zoom(landmarks, crop)
+        ctr = centre if ctr is None else ctr
+    else:
+        ctr, zoom = centre, fit_zoom(landmarks, crop, centre)
+    if isotropic:
+        zoom = np.full(3, zoom.min())
+    return zoom, ctr
+
+
+def _train_zoom(
+    landmarks: np.ndarray, crop: tuple[int, int, int], opts: H3DENetOptions, isotropic: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """A random native-resolution training zoom ``(3,)``: uniform in ``[zoom-min, min(zoom-max,
+    fit)]`` with ``fit`` the authors' landmark-fitting zoom, one factor for all axes (isotropic) or
+    one per axis (the authors' ``RandomCrop``); ``fit`` itself where it is below ``zoom-min``."""
+    fit = fit_zoom(landmarks, crop)
+    if isotropic:
+        hi = min(opts.zoom_max, float(fit.min()))
+        return np.full(3, hi if hi <= opts.zoom_min else float(rng.uniform(opts.zoom_min, hi)))
+    if (fit < opts.zoom_min).any():
+        return fit
+    return np.array([float(rng.uniform(opts.zoom_min, min(opts.zoom_max, f))) for f in fit])
 
 
 def _stack(prepared: Sequence[PreparedCase], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -175,8 +296,31 @@ class H3DENetTask(CohortTask):
     seed_salt = (3,)
 
     def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
+        plan = self.plan(cfg)
         opts: H3DENetOptions = self.options(cfg)
-        return {"size": cfg.profile, "num_landmarks": opts.num_landmarks}
+        return {"size": cfg.profile, "num_landmarks": opts.num_landmarks, "attention": plan.attention, "head": plan.head}
+
+    def plan(self, cfg: ResolvedConfig, data_dir: str | None = None) -> H3DEPlan:
+        """The recipe's concrete items for this run's data source."""
+        opts: H3DENetOptions = self.options(cfg)
+        return opts.plan(bool(self.data_source(cfg, data_dir)))
+
+    def prepare(self, case: CTCase, cfg: ResolvedConfig, rng: np.random.Generator | None, data_dir: str | None = None) -> PreparedCase:
+        """One case in the network's crop: a training view with ``rng`` (random zoom and
+        placement), the deterministic evaluation view without."""
+        opts: H3DENetOptions = self.options(cfg)
+        plan = self.plan(cfg, data_dir)
+        crop = crop_shape(cfg.image_size)
+        if plan.resolution == "fit":
+            factor = float(rng.uniform(opts.zoom_min, opts.zoom_max)) if rng is not None else opts.eval_zoom
+            return prepare_case(case.volume, case.landmarks, case.spacing, crop, factor, rng)
+        centre = (np.asarray(case.volume.shape, dtype=np.float64) - 1) / 2 if case.centre is None else case.centre
+        if rng is not None:
+            return prepare_native(
+                case.volume, case.landmarks, case.spacing, crop, _train_zoom(case.landmarks, crop, opts, plan.isotropic, rng), rng
+            )
+        zoom, ctr = _eval_view(case.landmarks, centre, crop, plan.eval_centre, plan.isotropic)
+        return prepare_native(case.volume, case.landmarks, case.spacing, crop, zoom, None, ctr)
 
     def check_config(self, cfg: ResolvedConfig) -> None:
         if cfg.image_size % 64:
@@ -209,11 +353,16 @@ class H3DENetTask(CohortTask):
         return train, test
 
     def cases(self, cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> tuple[CTCase, ...]:
-        """The cases of cohort indices ``idx`` at the working size (1.25 x the crop)."""
+        """The cases of cohort indices ``idx``: at the working size (1.25 x the crop), or for real
+        data at native resolution the region of each scan that crops can touch."""
         crop = crop_shape(cfg.image_size)
         native = (round(NATIVE_SCALE * crop[0]), round(NATIVE_SCALE * crop[1]), round(NATIVE_SCALE * crop[2]))
         opts: H3DENetOptions = self.options(cfg)
-        return _cases(self.data_source(cfg, data_dir), native, cfg.seed, tuple(int(i) for i in idx), opts.num_landmarks)
+        source, indices = self.data_source(cfg, data_dir), tuple(int(i) for i in idx)
+        plan = self.plan(cfg, data_dir)
+        if source and plan.resolution == "native":
+            return _native_cases(source, crop, indices, opts.num_landmarks, opts.zoom_min, plan.eval_centre)
+        return _cases(source, native, cfg.seed, indices, opts.num_landmarks)
 
     def local_training(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
@@ -225,7 +374,6 @@ class H3DENetTask(CohortTask):
         opts: H3DENetOptions = self.options(cfg)
         _, (train_idx, _) = self.client_split(cfg, partition_id, data_dir)
         cases = self.train_cases(cfg, partition_id, self.cases(cfg, train_idx, data_dir))
-        crop = crop_shape(cfg.image_size)
         seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -238,10 +386,7 @@ class H3DENetTask(CohortTask):
             order = rng.permutation(len(cases))
             loss_sum, errors = 0.0, []
             for i in range(0, len(order), cfg.batch_size):
-                prepared = [
-                    prepare_case(c.volume, c.landmarks, c.spacing, crop, float(rng.uniform(opts.zoom_min, opts.zoom_max)), rng)
-                    for c in (cases[j] for j in order[i : i + cfg.batch_size])
-                ]
+                prepared = [self.prepare(cases[j], cfg, rng, data_dir) for j in order[i : i + cfg.batch_size]]
                 x, lm, spacing = _stack(prepared, device)
                 out = model(x)
                 loss_sum += float(step(model.loss(out, lm))) * len(prepared)
@@ -261,21 +406,19 @@ class H3DENetTask(CohortTask):
         if fault is None:
             return cases
         perm = swapped_targets(len(cases), fault.level, cfg.seed, partition_id)
-        return tuple(CTCase(c.volume, cases[p].landmarks, c.spacing, c.name) for c, p in zip(cases, perm, strict=True))
+        return tuple(CTCase(c.volume, cases[p].landmarks, c.spacing, c.name, c.centre) for c, p in zip(cases, perm, strict=True))
 
     @torch.no_grad()
     def predict(
-        self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device
+        self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device, data_dir: str | None = None
     ) -> tuple[list[PreparedCase], np.ndarray, float]:
-        """Evaluation-mode predictions: the prepared cases (``eval-zoom``, centred), predicted
-        voxel coordinates ``(N, L, 3)`` in the prepared volumes, and the mean loss."""
+        """Evaluation-mode predictions: the prepared cases (the deterministic evaluation view of
+        :meth:`prepare`), predicted voxel coordinates ``(N, L, 3)`` in them, and the mean loss."""
         if not isinstance(model, LandmarkNet):
             raise TypeError(f"h3denet predicts with LandmarkNet models, got {type(model).__name__}")
-        opts: H3DENetOptions = self.options(cfg)
-        crop = crop_shape(cfg.image_size)
         was_training = model.training
         model.to(device).eval()
-        prepared = [prepare_case(c.volume, c.landmarks, c.spacing, crop, opts.eval_zoom, None) for c in cases]
+        prepared = [self.prepare(c, cfg, None, data_dir) for c in cases]
         preds, loss_sum = [], 0.0
         for i in range(0, len(prepared), cfg.batch_size):
             x, lm, _ = _stack(prepared[i : i + cfg.batch_size], device)
@@ -285,8 +428,10 @@ class H3DENetTask(CohortTask):
         model.train(was_training)
         return prepared, np.concatenate(preds), loss_sum / max(len(prepared), 1)
 
-    def _evaluate(self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device) -> Metrics:
-        prepared, pred, loss = self.predict(model, cases, cfg, device)
+    def _evaluate(
+        self, model: nn.Module, cases: Sequence[CTCase], cfg: ResolvedConfig, device: torch.device, data_dir: str | None = None
+    ) -> Metrics:
+        prepared, pred, loss = self.predict(model, cases, cfg, device, data_dir)
         true = np.stack([p.landmarks for p in prepared])
         errors = radial_errors(pred, true, np.stack([p.spacing for p in prepared]))
         return {"loss": loss, **landmark_metrics(errors)}
@@ -295,7 +440,7 @@ class H3DENetTask(CohortTask):
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
         _, (_, test_idx) = self.client_split(cfg, partition_id, data_dir)
-        return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device))
+        return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device, data_dir))
 
     def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:
         _, idx = self.global_test(cfg)
@@ -318,4 +463,4 @@ class H3DENetTask(CohortTask):
         ]
 
 
-__all__ = ["PROFILES", "H3DENetOptions", "H3DENetTask", "LandmarkExample", "crop_shape"]
+__all__ = ["PROFILES", "H3DENetOptions", "H3DENetTask", "H3DEPlan", "LandmarkExample", "crop_shape"]

@@ -19,6 +19,15 @@ normal eye with a large cup), so the task is learnable but not trivial. 40 % of 
 (``label = 1`` for ``i % 5 < 2``), so class balancing matters.
 
 Every volume is a pure function of ``(seed, index)``: the cohort is deterministic by seed.
+
+Real volumes (:func:`scan_oct_folder`, :func:`load_volumes`) come in three layouts: a
+``labels.csv``; one folder per class; or **the authors' tree** (AI4VSLab/AI-CNet3D,
+``OCT_dataloader.TopconDataset``): ``DATA_DIR/Glaucomas/**/*.npy`` and
+``DATA_DIR/Non-Glaucomas/**/*.npy`` at any depth, labelled 0 when a path component is
+``Non-Glaucomas`` and 1 otherwise, usually ``(128, H, W)`` B-scan stacks. When every file name
+carries a patient id the way the authors' Zeiss loader reads it (``<prefix>-<patient>-<rest>.npy``)
+the files get ``groups`` (patient ids), so a task can keep both eyes of a patient on one side of a
+split.
 """
 
 from __future__ import annotations
@@ -160,19 +169,52 @@ class OCTDataError(DataLayoutError):
     """The OCT data folder or one of its files cannot be used; the message names them."""
 
 
+#: The authors' class folders: ``Non-Glaucomas`` anywhere in the path = normal, else glaucoma.
+AUTHORS_CLASS_DIRS = {"non-glaucomas": 0, "glaucomas": 1}
+
+
 @dataclass(frozen=True)
 class VolumeFiles:
+    """Volume files, their labels and (when the file names carry one) each file's patient id."""
+
     paths: tuple[Path, ...]
     labels: np.ndarray
+    groups: tuple[str, ...] | None = None
+
+
+def patient_id(path: Path) -> str | None:
+    """The patient id in a file name ``<prefix>-<patient>-<rest>.npy`` (the authors' Zeiss
+    loader: the text between the first and the second ``-``), or ``None`` without two dashes."""
+    parts = path.name.split("-")
+    return parts[1] if len(parts) >= 3 and parts[1] else None
+
+
+def _authors_tree(root: Path) -> tuple[list[Path], list[int]] | None:
+    """Files and labels of the authors' ``Glaucomas`` / ``Non-Glaucomas`` tree, or ``None``
+    when ``root`` does not hold that layout."""
+    dirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and d.name.lower() in AUTHORS_CLASS_DIRS}
+    if not dirs:
+        return None
+    paths: list[Path] = []
+    labels: list[int] = []
+    for key in sorted(dirs):
+        for f in sorted(dirs[key].rglob("*.npy")):
+            if f.is_file():
+                rel = f.relative_to(root).parts[:-1]
+                paths.append(f)
+                labels.append(0 if any(part.lower() == "non-glaucomas" for part in rel) else 1)
+    return paths, labels
 
 
 def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
     """Find the ``.npy`` volumes and their labels in ``data_dir``.
 
     Layouts: ``DATA_DIR/labels.csv`` (columns ``file,label``; ``file`` relative to DATA_DIR;
-    ``label`` 0/1 or a class name such as ``normal``/``glaucoma``), or one folder per class
-    ``DATA_DIR/<class>/*.npy`` with class folders named like ``normal``/``non_glaucoma``/``0`` and
-    ``glaucoma``/``1``. Only headers are read here (cheap).
+    ``label`` 0/1 or a class name such as ``normal``/``glaucoma``); the authors' tree
+    ``DATA_DIR/Glaucomas/**/*.npy`` + ``DATA_DIR/Non-Glaucomas/**/*.npy`` (recursive, any depth);
+    or one folder per class ``DATA_DIR/<class>/*.npy`` with class folders named like
+    ``normal``/``non_glaucoma``/``0`` and ``glaucoma``/``1``. Only headers are read here (cheap).
+    ``groups`` holds the files' patient ids when every file name carries one (:func:`patient_id`).
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -180,7 +222,10 @@ def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
     csv_path = root / LABELS_CSV
     paths: list[Path] = []
     labels: list[int] = []
-    if csv_path.is_file():
+    tree = None if csv_path.is_file() else _authors_tree(root)
+    if tree is not None:
+        paths, labels = tree
+    elif csv_path.is_file():
         with csv_path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
         if not rows or not {"file", "label"} <= set(rows[0]):
@@ -205,8 +250,9 @@ def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
             labels += [lab] * len(files)
     if not paths:
         raise OCTDataError(
-            f"no .npy volumes found in {root}; expected {root}/{LABELS_CSV} (file,label) or class folders "
-            f"{root}/normal/*.npy and {root}/glaucoma/*.npy"
+            f"no .npy volumes found in {root}; expected {root}/{LABELS_CSV} (file,label), class folders "
+            f"{root}/normal/*.npy and {root}/glaucoma/*.npy, or the authors' tree {root}/Glaucomas/**/*.npy and "
+            f"{root}/Non-Glaucomas/**/*.npy"
         )
     lab_arr = np.asarray(labels, dtype=np.int64)
     if len(np.unique(lab_arr)) < 2:
@@ -214,7 +260,9 @@ def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
     bad = [f"{p} (shape {s})" for p in paths if len(s := _npy_shape(p)) != 3 and not (len(s) == 4 and s[0] == 1)]
     if bad:
         raise OCTDataError(f"OCT volumes must be 3-D arrays (D, H, W) or (1, D, H, W); bad files: {', '.join(bad[:10])}")
-    return VolumeFiles(tuple(paths), lab_arr)
+    ids = [patient_id(p) for p in paths]
+    groups = tuple(i for i in ids if i is not None) if all(i is not None for i in ids) else None
+    return VolumeFiles(tuple(paths), lab_arr, groups)
 
 
 def _label(text: str, where: str) -> int:
@@ -231,12 +279,23 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
         raise OCTDataError(f"cannot read {path} as a .npy array: {exc}") from exc
 
 
-def load_volumes(files: VolumeFiles, shape: tuple[int, int, int]) -> np.ndarray:
-    """Load, resample (trilinear) to ``shape`` and scale each volume to uint8 by its own
-    min/max (as the B-scans are resized to 192 x 112 in the paper). Non-finite values are an
-    error naming the file."""
+#: Intensity handling of :func:`load_volumes`.
+INTENSITIES = ("minmax", "raw")
+
+
+def load_volumes(files: VolumeFiles, shape: tuple[int, int, int], intensity: str = "minmax") -> np.ndarray:
+    """Load, resample (trilinear, ``align_corners=False``) to ``shape`` and convert each volume to
+    uint8: ``minmax`` scales it by its own min/max (fedsim), ``raw`` keeps its values, clipped to
+    0-255 and rounded (the authors feed the 8-bit scanner values as they are). Trilinear
+    interpolation is separable, so when the number of B-scans does not change it is exactly the
+    authors' per-B-scan bilinear resize of each ``(H, W)`` scan (``cv2.resize``, same pixel-centre
+    convention; a test checks it against a per-scan resize). Non-finite values are an error naming
+    the file."""
     import torch
     import torch.nn.functional as F
+
+    if intensity not in INTENSITIES:
+        raise ValueError(f"unknown intensity {intensity!r}; valid choices: {', '.join(INTENSITIES)}")
 
     out = np.empty((len(files.paths), *shape), dtype=np.uint8)
     for i, p in enumerate(files.paths):
@@ -246,6 +305,9 @@ def load_volumes(files: VolumeFiles, shape: tuple[int, int, int]) -> np.ndarray:
             raise OCTDataError(f"{p} contains NaN or infinite values")
         if v.shape != shape:
             v = F.interpolate(torch.from_numpy(v)[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        if intensity == "raw":
+            out[i] = np.round(np.clip(v, 0.0, 255.0)).astype(np.uint8)
+            continue
         lo, hi = float(v.min()), float(v.max())
         out[i] = np.round((v - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
     return out

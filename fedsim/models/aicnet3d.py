@@ -25,6 +25,19 @@ Variants (registered in :mod:`fedsim.models` for the ``aicnet3d`` task; build on
 CARE (Channel Attention REpresentation, paper section 3.3) is the channel mean of block A2's
 (pooled) output; Grad-CAM uses the last conv layer; both are ReLU'd and divided by their per-sample
 maximum, and have the same spatial size (``D/8 x H/8 x W/8``).
+
+Two items exist in the paper's and in the released code's form (AI4VSLab/AI-CNet3D):
+
+* **pooling** (``pooling``): ``global`` (default) is true global average pooling, as the paper's
+  text says; ``authors`` is the release's ``nn.AvgPool3d(kernel_size=min(s), stride=s)`` with
+  ``s = input_size // 8`` (``model.py``), which on the ``s``-sized last map averages only its
+  first ``min(s)``-cube corner: 14 x 14 x 14 of 16 x 24 x 14 at paper size, 51 % of the positions;
+* **Grad-CAM target and normalisation** (:func:`gradcam_map`, :func:`care_map`): fedsim
+  differentiates the predicted class's *logit* and divides each map by its exact maximum; the
+  release differentiates the *softmax probability* (its network ends with a Softmax and the
+  backward pass starts from the output) and divides by ``max + 1e-5`` (CARE too). Probability
+  gradients are ``p (1 - p)`` times smaller, so at paper size its raw Grad-CAM peaks at 4-10e-6,
+  below that eps: the maps then peak well below 1 while CARE peaks at ~1.
 """
 
 from __future__ import annotations
@@ -41,13 +54,32 @@ from fedsim.models.registry import register_model
 SPLITS = ("hemiretinal", "neuronaxon", "hemiretinal_neuronaxon")
 
 
-def normalise_map(m: torch.Tensor) -> torch.Tensor:
+#: The release's normalisation constant: maps are divided by ``max + AUTHORS_EPS``.
+AUTHORS_EPS = 1e-5
+#: Pooling before the classifier: true global average (the paper's text) or the release's corner.
+POOLINGS = ("global", "authors")
+#: Grad-CAM target: the predicted class's logit (fedsim) or its softmax probability (the release).
+GRADCAM_TARGETS = ("logit", "probability")
+
+
+def normalise_map(m: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """ReLU, then divide each sample by its maximum (``m``: ``(B, ...)``), so every map peaks at
-    exactly 1; all-zero maps stay zero. (The authors divide by ``max + 1e-5``, which leaves maps
-    with a small maximum well below 1.)"""
+    exactly 1; all-zero maps stay zero. With ``eps > 0`` the release's ``m / (max + eps)``
+    (``model.py``), which leaves maps with a maximum near or below ``eps`` well below 1."""
     m = F.relu(m)
     peak = m.flatten(1).amax(1).view(-1, *([1] * (m.dim() - 1)))
+    if eps > 0:
+        return m / (peak + eps)
     return m / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def authors_pool_geometry(input_shape: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]]:
+    """The release's ``AvgPool3d`` for an input volume ``(D, H, W)``: kernel ``min(s)`` and
+    stride ``s = input // 8`` (``model.py``: ``input_size / 2 ** (2 pools + 1 strided conv)``)."""
+    stride = tuple(int(n) // 8 for n in input_shape)
+    if min(stride) < 1:
+        raise ValueError(f"the authors' pooling needs every input axis >= 8, got {input_shape}")
+    return min(stride), stride  # type: ignore[return-value]
 
 
 class CrossCovarianceAttention(nn.Module):
@@ -245,9 +277,14 @@ class AICNet3D(nn.Module):
         input_shape: tuple[int, int, int] = (128, 192, 112),
         heads: int = 4,
         attn_drop: float = 0.15,
+        pooling: str = "global",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid choices: {', '.join(POOLINGS)}")
         self.attention = attention
+        self.pooling = pooling
+        self.input_shape = tuple(input_shape)
         c = channels
         self.conv1 = _conv(1, c, 7, stride=2)
         self.conv2 = _conv(c, c, 5)
@@ -279,35 +316,62 @@ class AICNet3D(nn.Module):
         care = self.pool(self.att2(x))
         g = self.conv5[0](care)
         x = self.conv5[2](self.conv5[1](g))
-        logits = self.fc(x.mean(dim=(2, 3, 4)))
+        logits = self.fc(self.pool_features(x))
         return AICNet3DOutput(logits, care, g)
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, d, h, w)`` -> ``(B, C)``: the global average, or with ``pooling="authors"`` the
+        release's ``AvgPool3d(min(s), stride=s)`` (:func:`authors_pool_geometry`), which must give
+        one value per channel (as the release's ``squeeze`` + ``Linear`` require)."""
+        if self.pooling == "global":
+            return x.mean(dim=(2, 3, 4))
+        k, s = authors_pool_geometry(self.input_shape)  # type: ignore[arg-type]
+        pooled = F.avg_pool3d(x, kernel_size=k, stride=s)
+        if pooled.shape[2:].numel() != 1:
+            raise ValueError(
+                f"the authors' pooling (kernel {k}, stride {s}) of a {tuple(x.shape[2:])} map gives {tuple(pooled.shape[2:])} "
+                f"values per channel, not 1; build the model with the input_shape it is fed (got {self.input_shape})"
+            )
+        return pooled.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).logits
 
 
-def care_map(care_features: torch.Tensor) -> torch.Tensor:
-    """CARE: channel mean of block A2's output, ReLU, per-sample max normalisation -> ``(B, d, h, w)``."""
-    return normalise_map(care_features.mean(dim=1))
+def care_map(care_features: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """CARE: channel mean of block A2's output, ReLU, per-sample max normalisation (``eps``: the
+    release's ``max + eps``) -> ``(B, d, h, w)``."""
+    return normalise_map(care_features.mean(dim=1), eps)
 
 
 def gradcam_map(
-    logits: torch.Tensor, features: torch.Tensor, target: torch.Tensor | None = None, create_graph: bool = False
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    target: torch.Tensor | None = None,
+    create_graph: bool = False,
+    score: str = "logit",
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017) of ``features`` (the last conv layer's output, still in the
     autograd graph) for class ``target`` (default: the predicted class), normalised like CARE.
 
-    Channel weights are the spatial means of d(logit_target)/d(features); the map is the weighted
-    channel sum. With ``create_graph=False`` (the default, as in the authors' hook-based code) the
-    channel weights are constants for a later backward pass, while the map stays differentiable
-    through ``features``; the forward graph is kept (``retain_graph``) for the classification loss.
+    Channel weights are the spatial means of d(score_target)/d(features), ``score`` being the
+    class ``logit`` (fedsim) or its softmax ``probability`` (the release: its network outputs
+    probabilities and ``outputs.backward`` starts from them); the map is the weighted channel sum,
+    ReLU'd and divided by its maximum (``+ eps``: the release uses 1e-5). With
+    ``create_graph=False`` (the default, as in the authors' hook-based code) the channel weights
+    are constants for a later backward pass, while the map stays differentiable through
+    ``features``; the forward graph is kept (``retain_graph``) for the classification loss.
     """
+    if score not in GRADCAM_TARGETS:
+        raise ValueError(f"unknown Grad-CAM score {score!r}; valid choices: {', '.join(GRADCAM_TARGETS)}")
     if target is None:
         target = logits.argmax(1)
-    score = logits.gather(1, target.view(-1, 1)).sum()
-    (grads,) = torch.autograd.grad(score, features, retain_graph=True, create_graph=create_graph)
+    values = logits.softmax(1) if score == "probability" else logits
+    chosen = values.gather(1, target.view(-1, 1)).sum()
+    (grads,) = torch.autograd.grad(chosen, features, retain_graph=True, create_graph=create_graph)
     weights = grads.mean(dim=(2, 3, 4), keepdim=True)
-    return normalise_map((weights * features).sum(dim=1))
+    return normalise_map((weights * features).sum(dim=1), eps)
 
 
 def consistency_loss(gradcam: torch.Tensor, care: torch.Tensor) -> torch.Tensor:
@@ -323,8 +387,8 @@ PAPER_SHAPE = (128, 192, 112)
 
 
 def _register(name: str, attention: str | None) -> None:
-    def build(input_shape: tuple[int, int, int] = PAPER_SHAPE, channels: int = 32) -> AICNet3D:
-        return AICNet3D(attention, channels=channels, input_shape=input_shape)
+    def build(input_shape: tuple[int, int, int] = PAPER_SHAPE, channels: int = 32, pooling: str = "global") -> AICNet3D:
+        return AICNet3D(attention, channels=channels, input_shape=input_shape, pooling=pooling)
 
     build.__doc__ = f"AI-CNet3D with attention {attention!r} for volumes ``input_shape`` (D, H, W)."
     register_model(name, tasks=("aicnet3d",))(build)

@@ -28,6 +28,30 @@ Training recipe (paper section 3.4):
   local epoch on its own validation split (unweighted BCE) and sends those; disable with
   ``early-stopping=false`` (then no validation split is held out).
 
+Recipes (``--task-option recipe=paper|authors``, default ``paper``, which is the behaviour
+described above): ``authors`` switches each item to the released code (AI4VSLab/AI-CNet3D),
+quirks included; every item can be set on its own (``auto`` = from the recipe), and
+``docs/task-fidelity.md`` lists every difference:
+
+* ``pooling``: ``global`` average (the paper's text) or ``authors`` (``AvgPool3d(min(s),
+  stride=s)``, the first ``min(s)``-cube corner of the last map; :mod:`fedsim.models.aicnet3d`);
+* ``gradcam``: ``fedsim`` (gradient of the predicted class's logit, maps divided by their exact
+  maximum) or ``authors`` (gradient of its softmax probability, Grad-CAM and CARE divided by
+  ``max + 1e-5``), in stage 2 and in the figures;
+* ``augmentation``: ``fedsim`` (:func:`fedsim.data.augment.augment_oct`, each step with p = 0.5)
+  or ``authors`` (:func:`augment_oct_authors`: grey levels always, nearest zoom 1-1.25 skipped
+  below 1.02, lateral and superior/inferior flips with p = 0.5, 8-bit truncation);
+* ``input``: ``fedsim`` (per-volume min-max to 0-255, network input in [-1, 1]) or ``authors``
+  (the raw 0-255 values, clipped, as the network input);
+* ``balanced-cohort``: ``yes`` drops majority-class volumes (seeded) before any split, so the
+  global and local test sets are balanced 50:50 as the authors' (``data_weight: same``); ``no``
+  keeps the cohort's 40 % glaucoma.
+
+Real data whose file names carry patient ids (``<prefix>-<patient>-<rest>.npy``) are split by
+patient: the global test set, the clients' shares and each client's test / validation parts hold
+whole patients (both eyes on one side). Batch 4, NAdam and the learning rate are the same in both
+recipes (the profile's).
+
 Metrics: ``loss``, ``accuracy``, ``sensitivity`` (glaucoma = positive), ``specificity``, ``f1``,
 ``auc`` (true ROC AUC from the glaucoma probability, ties count one half) and
 ``balanced-accuracy`` (the authors' "AUROC", computed on rounded predictions, equals
@@ -50,14 +74,14 @@ from torch import nn
 from fedsim._logging import logger
 from fedsim.clients.tasks.base import LocalResult
 from fedsim.clients.tasks.registry import register_task
-from fedsim.clients.tasks.scaffold import CohortTask
+from fedsim.clients.tasks.scaffold import CohortSplit, CohortTask
 from fedsim.clients.training import LocalTraining, Metrics, TrainStep
-from fedsim.config import ConfigError, Profile, ResolvedConfig
+from fedsim.config import ConfigError, Profile, ResolvedConfig, parse_options
 from fedsim.data.augment import augment_oct
-from fedsim.data.partition import stratified_split
+from fedsim.data.partition import PartitionParams, partition, stratified_split
 from fedsim.data.synthetic_oct import CLASS_NAMES, VolumeFiles, cohort_labels, generate_volumes, load_volumes, scan_oct_folder, volume_shape
 from fedsim.metrics.classification import binary_metrics
-from fedsim.models.aicnet3d import DEFAULT_MODEL, AICNet3D, care_map, consistency_loss, gradcam_map
+from fedsim.models.aicnet3d import AUTHORS_EPS, DEFAULT_MODEL, AICNet3D, care_map, consistency_loss, gradcam_map
 from fedsim.rundir import RunDir
 
 #: ``image_size`` = number of B-scans D (volume D x 1.5D x 0.875D, see :func:`volume_shape`).
@@ -89,14 +113,99 @@ class AICNet3DOptions:
     val_fraction: float = 0.2
     balance: bool = True
     augment: bool = True
+    recipe: str = "paper"
+    pooling: str = "auto"
+    gradcam: str = "auto"
+    augmentation: str = "auto"
+    input: str = "auto"
+    balanced_cohort: str = "auto"
 
     def __post_init__(self) -> None:
+        for name, valid in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"unknown {name.replace('_', '-')} {value!r}; valid choices: {', '.join(valid)}")
         if self.finetune_rounds < 0:
             raise ValueError(f"finetune-rounds must be >= 0 (the last k rounds run stage 2), got {self.finetune_rounds}")
         if not 0.0 <= self.consistency_weight <= 1.0:
             raise ValueError(f"consistency-weight must be in [0, 1], got {self.consistency_weight}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+
+    def plan(self) -> AICPlan:
+        """The concrete choice of every item (``auto`` resolved by the recipe)."""
+        authors = self.recipe == "authors"
+        pick = lambda v, paper, auth: (auth if authors else paper) if v == "auto" else v  # noqa: E731
+        return AICPlan(
+            pooling=pick(self.pooling, "global", "authors"),
+            gradcam=pick(self.gradcam, "fedsim", "authors"),
+            augmentation=pick(self.augmentation, "fedsim", "authors"),
+            input=pick(self.input, "fedsim", "authors"),
+            balanced_cohort=pick(self.balanced_cohort, "no", "yes") == "yes",
+        )
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": ("paper", "authors"),
+    "pooling": ("auto", "global", "authors"),
+    "gradcam": ("auto", "fedsim", "authors"),
+    "augmentation": ("auto", "fedsim", "authors"),
+    "input": ("auto", "fedsim", "authors"),
+    "balanced_cohort": ("auto", "yes", "no"),
+}
+
+
+@dataclass(frozen=True)
+class AICPlan:
+    """Resolved recipe items (see the module docstring)."""
+
+    pooling: str
+    gradcam: str
+    augmentation: str
+    input: str
+    balanced_cohort: bool
+
+    @property
+    def map_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`gradcam_map` (``score``, ``eps``) for this plan."""
+        return {"score": "probability", "eps": AUTHORS_EPS} if self.gradcam == "authors" else {"score": "logit", "eps": 0.0}
+
+    @property
+    def map_eps(self) -> float:
+        return AUTHORS_EPS if self.gradcam == "authors" else 0.0
+
+
+def augment_oct_authors(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The released augmentation (``OCT_dataloader.transform`` with ``aug_type: fgzs`` and
+    ``transforms.py``) on a batch ``(B, 1, D, H, W)`` in [0, 1], every draw from ``gen``:
+
+    * grey levels, always: ``x * a`` (contrast, ``a`` in [0.85, 1.15]), ``clip(x + b, 0, 1)``
+      (brightness, ``b`` in [0, 0.15]), ``x ** g`` (gamma, ``g = 2 ** u``, ``u`` in [-1, 1]);
+    * zoom by ``z`` in [1, 1.25] with nearest-neighbour interpolation, skipped when ``z < 1.02``,
+      then a random crop back to the original size;
+    * lateral flip (``W``), then superior/inferior flip (``D``), each with p = 0.5;
+    * back to 8 bits by truncation (``(x * 255).astype(int)``), returned as ``/ 255``.
+
+    (The release uses scipy's nearest zoom, whose grid differs from ``F.interpolate``'s nearest by
+    at most one voxel at the edges of each run.)"""
+    out = []
+    shape = x.shape[2:]
+    for volume in x:
+        r = torch.rand(3, generator=gen)
+        alpha, beta, gamma = 1 + (float(r[0]) - 0.5) * 0.3, float(r[1]) / 2 * 0.3, 2.0 ** (float(r[2]) * 2 - 1)
+        v = (volume * alpha + beta).clamp(0, 1) ** gamma
+        z = 1.0 + 0.25 * float(torch.rand(1, generator=gen))
+        if z >= 1.02:
+            big = [round(n * z) for n in shape]
+            v = F.interpolate(v[None], size=big, mode="nearest")[0]
+            off = [int(torch.randint(0, max(1, b - n), (1,), generator=gen)) for b, n in zip(big, shape, strict=True)]
+            v = v[:, off[0] : off[0] + shape[0], off[1] : off[1] + shape[1], off[2] : off[2] + shape[2]]
+        if float(torch.rand(1, generator=gen)) > 0.5:
+            v = v.flip(-1)
+        if float(torch.rand(1, generator=gen)) > 0.5:
+            v = v.flip(-3)
+        out.append(torch.floor(v * 255) / 255)
+    return torch.stack(out)
 
 
 # ---------------------------------------------------------------- data
@@ -110,7 +219,7 @@ def _scan(data_dir: str) -> VolumeFiles:
 
 
 @functools.lru_cache(maxsize=6)
-def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tuple[int, ...]) -> np.ndarray:
+def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tuple[int, ...], intensity: str = "minmax") -> np.ndarray:
     """Volumes ``(len(indices), D, H, W)`` uint8 of these cohort indices. Only the volumes a
     process needs are generated / read (a synthetic volume is a pure function of (seed, index)),
     so at paper size no process holds the whole cohort; cached per process for speed."""
@@ -118,14 +227,39 @@ def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tup
         files = _scan(data_dir)
         sub = VolumeFiles(tuple(files.paths[i] for i in indices), files.labels[list(indices)])
         logger.info("reading %d OCT volumes from %s at %s", len(indices), data_dir, shape)
-        return load_volumes(sub, shape)
+        return load_volumes(sub, shape, intensity)
     logger.info("generating %d synthetic OCT volumes of %s (seed %d)", len(indices), shape, seed)
     return generate_volumes(indices, shape, seed)
 
 
 def volumes(cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> np.ndarray:
     d = cfg.data_dir if data_dir is None else data_dir
-    return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx))
+    opts = parse_options(AICNet3DOptions, cfg.task_options, "task", "aicnet3d")
+    intensity = "raw" if opts is not None and opts.plan().input == "authors" else "minmax"
+    return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx), intensity)
+
+
+def balanced_subset(strata: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted cohort indices with every class cut (seeded) to the smallest class's count: the
+    authors' ``data_weight: same``, applied before any split."""
+    return balance_indices(np.arange(len(strata)), strata, np.random.default_rng([seed, 5]))
+
+
+def _group_split(idx: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, held)``: whole groups (patients) of ``idx``, seeded, held out until they hold at
+    least ``fraction`` of ``idx`` (at least one group when there are two)."""
+    uniq = np.unique(groups[idx])
+    order = np.random.default_rng([seed, 9]).permutation(len(uniq))
+    target = fraction * len(idx)
+    held_groups: list[int] = []
+    count = 0
+    for g in uniq[order]:
+        if count >= target or len(held_groups) == len(uniq) - 1:
+            break
+        held_groups.append(int(g))
+        count += int((groups[idx] == g).sum())
+    held = np.isin(groups[idx], held_groups)
+    return np.sort(idx[~held]), np.sort(idx[held])
 
 
 def balance_indices(idx: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -140,8 +274,11 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device).float().div_(255.0).unsqueeze(1)
 
 
-def _scale(x: torch.Tensor) -> torch.Tensor:
-    return x * 2.0 - 1.0  # network input in [-1, 1]
+def _scale(x: torch.Tensor, plan: AICPlan | None = None) -> torch.Tensor:
+    """Network input from intensities in [0, 1]: [-1, 1] (fedsim) or the 0-255 values (the authors')."""
+    if plan is not None and plan.input == "authors":
+        return x * 255.0
+    return x * 2.0 - 1.0
 
 
 def _bce(logits: torch.Tensor, y: torch.Tensor, class_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +326,45 @@ class AICNet3DTask(CohortTask):
     min_global_test = 2
 
     def model_config(self, cfg: ResolvedConfig) -> dict[str, Any]:
-        return {"input_shape": task_shape(cfg)}
+        plan = self.plan(cfg)
+        return {"input_shape": task_shape(cfg), "pooling": plan.pooling}
+
+    def plan(self, cfg: ResolvedConfig) -> AICPlan:
+        opts: AICNet3DOptions = self.options(cfg)
+        return opts.plan()
+
+    def groups(self, data_dir: str) -> np.ndarray | None:
+        """Patient index per cohort volume (real data whose file names carry patient ids), else ``None``."""
+        if not data_dir:
+            return None
+        files = _scan(data_dir)
+        return None if files.groups is None else np.unique(np.asarray(files.groups), return_inverse=True)[1]
+
+    def make_split(self, cfg: ResolvedConfig, strata: np.ndarray) -> CohortSplit:
+        """The scaffold's split, with two additions: ``balanced-cohort`` first cuts every class to
+        the smallest one (the authors' balanced sets), and with patient ids whole patients go to the
+        global test set, to one client and to one side of each client's splits."""
+        groups = self.groups(cfg.data_dir)
+        if groups is None:
+            return super().make_split(cfg, strata)
+        keep = balanced_subset(strata, cfg.seed) if self.plan(cfg).balanced_cohort else np.arange(len(strata))
+        pool, global_test = _group_split(keep, groups, cfg.global_test_fraction, cfg.seed + 101)
+        uniq = np.unique(groups[pool])
+        g_label = np.array([strata[pool][groups[pool] == g].max() for g in uniq])
+        try:
+            parts = partition(cfg.partition, g_label, cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
+        except ValueError as exc:
+            raise ConfigError(f"cannot partition {len(uniq)} training patients among {cfg.clients} clients: {exc}") from exc
+        shares = [np.sort(pool[np.isin(groups[pool], uniq[p])]) for p in parts]
+        return CohortSplit(global_test, tuple(self.split_client(cfg, share, strata, f"client {k}") for k, share in enumerate(shares)))
+
+    def hold_out_global(self, cfg: ResolvedConfig, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The scaffold's random global test set; with ``balanced-cohort`` a class-stratified one
+        of the balanced subset (the dropped majority volumes are used nowhere)."""
+        if not self.plan(cfg).balanced_cohort:
+            return super().hold_out_global(cfg, strata)
+        pool, global_test = stratified_split(balanced_subset(strata, cfg.seed), strata, cfg.global_test_fraction, cfg.seed + 101)
+        return global_test, pool
 
     def check_config(self, cfg: ResolvedConfig) -> None:
         if cfg.image_size < 16:
@@ -212,10 +387,12 @@ class AICNet3DTask(CohortTask):
         need = 4 if val_fraction else 3
         if len(idx) < need:
             raise ConfigError(f"{who} gets only {len(idx)} volumes; need at least {need} (use fewer clients or more samples)")
-        train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
+        groups = self.groups(cfg.data_dir)
+        split = stratified_split if groups is None else lambda i, _s, f, seed: _group_split(i, groups, f, seed)
+        train, test = split(idx, strata, cfg.local_test_fraction, cfg.seed)
         val = np.zeros(0, np.int64)
         if val_fraction:
-            train, val = stratified_split(train, strata, val_fraction, cfg.seed + 17)
+            train, val = split(train, strata, val_fraction, cfg.seed + 17)
         if len(train) < 2 or len(test) < 1:
             raise ConfigError(f"{who}'s {len(idx)} volumes are too few for train/test splits; use more samples")
         return train, val, test
@@ -244,6 +421,7 @@ class AICNet3DTask(CohortTask):
             pos = balance_indices(pos, labels[train_idx], rng)
         counts = np.bincount(labels[train_idx][pos], minlength=2).astype(np.float64)
         class_weight = torch.tensor(len(pos) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        plan = self.plan(cfg)
         stage = self.stage(cfg, server_round)
         w = opts.consistency_weight if stage == 2 else 0.0
         shuffle_gen = torch.Generator().manual_seed(seed)
@@ -263,12 +441,14 @@ class AICNet3DTask(CohortTask):
             for b in batches:
                 x = to_input(x_all[b], device)
                 if opts.augment:
-                    x = augment_oct(x.cpu(), aug_gen).to(device)
+                    augment = augment_oct_authors if plan.augmentation == "authors" else augment_oct
+                    x = augment(x.cpu(), aug_gen).to(device)
                 y = y_all[b].to(device)
-                out = model.forward_features(_scale(x))
+                out = model.forward_features(_scale(x, plan))
                 loss = _bce(out.logits, y, class_weight)
                 if w > 0:
-                    cons = consistency_loss(gradcam_map(out.logits, out.gradcam_features), care_map(out.care_features))
+                    cam = gradcam_map(out.logits, out.gradcam_features, **plan.map_kwargs)
+                    cons = consistency_loss(cam, care_map(out.care_features, plan.map_eps))
                     loss = (1 - w) * loss + w * cons
                     cons_sum += float(cons.detach()) * len(b)
                 loss_sum += float(step(loss)) * len(b)
@@ -304,7 +484,8 @@ class AICNet3DTask(CohortTask):
         model.to(device).eval()
         bs = EVAL_BATCH.get(cfg.profile, 8)
         x = torch.from_numpy(vols)
-        out = [model(_scale(to_input(x[i : i + bs], device))).float().cpu() for i in range(0, len(vols), bs)]
+        plan = self.plan(cfg)
+        out = [model(_scale(to_input(x[i : i + bs], device), plan)).float().cpu() for i in range(0, len(vols), bs)]
         return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
     def _evaluate(self, model: nn.Module, vols: np.ndarray, labels: np.ndarray, device: torch.device, cfg: ResolvedConfig) -> Metrics:
@@ -340,8 +521,12 @@ class AICNet3DTask(CohortTask):
         labels, idx = self.global_test(cfg)
         chosen = [i for c in (1, 0) for i in idx[labels[idx] == c][: (num_volumes + 1) // 2]][:num_volumes]
         vols = volumes(cfg, np.asarray(chosen))
-        out = model.forward_features(_scale(to_input(torch.from_numpy(vols), torch.device("cpu"))))
-        maps = {"CARE": care_map(out.care_features).detach(), "Grad-CAM": gradcam_map(out.logits, out.gradcam_features).detach()}
+        plan = self.plan(cfg)
+        out = model.forward_features(_scale(to_input(torch.from_numpy(vols), torch.device("cpu")), plan))
+        maps = {
+            "CARE": care_map(out.care_features, plan.map_eps).detach(),
+            "Grad-CAM": gradcam_map(out.logits, out.gradcam_features, **plan.map_kwargs).detach(),
+        }
         up = {
             k: F.interpolate(m[:, None], size=vols.shape[1:], mode="trilinear", align_corners=False)[:, 0].numpy() for k, m in maps.items()
         }
@@ -354,4 +539,13 @@ class AICNet3DTask(CohortTask):
         ]
 
 
-__all__ = ["PROFILES", "AICNet3DOptions", "AICNet3DTask", "SaliencyExample", "balance_indices"]
+__all__ = [
+    "PROFILES",
+    "AICNet3DOptions",
+    "AICNet3DTask",
+    "AICPlan",
+    "SaliencyExample",
+    "augment_oct_authors",
+    "balance_indices",
+    "balanced_subset",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,8 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CLIENT:KIND[:LEVEL]",
-        help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge "
-        "(e.g. 1:few-data:0.1; see docs/cme-validation.md)",
+        help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge, "
+        "crash, hang, nan (e.g. 1:few-data:0.1, 1:crash:2; see docs/cme-validation.md, docs/reliability.md)",
+    )
+    rel = run.add_argument_group("reliability (docs/reliability.md)")
+    rel.add_argument(
+        "--min-clients",
+        type=int,
+        default=d.min_clients,
+        help="a round goes on if at least this many clients deliver; failed clients are logged and recorded "
+        "(default: all; a client error stops the run)",
+    )
+    rel.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="write RUN_DIR/checkpoint.safetensors every N rounds and after the last; 0 = never (default: %(default)s)",
+    )
+    rel.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default="",
+        help="continue an interrupted run from its last checkpoint, with its config (other flags must agree with it)",
     )
     cme = run.add_argument_group("CME recording (conversational memory elements, CME paper section 3.1)")
     cme.add_argument("--cme", action="store_true", help="record per-epoch CMEs (relative weight changes) for 'fedsim analyze'")
@@ -145,14 +166,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> RunConfig:
+#: Flags a resumed run may change: they do not change its results.
+RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every")
+
+
+def _config_fields(args: argparse.Namespace) -> dict[str, object]:
     from fedsim.config import parse_key_values
 
-    fields = {k: v for k, v in vars(args).items() if k != "command"}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     for key in OPTION_FIELDS:
-        fields[key] = parse_key_values(fields.get(key, ()))
-    fields["faults"] = tuple(fields.get("faults", ()))
-    return RunConfig(**fields)
+        if key in fields:
+            fields[key] = parse_key_values(fields[key])
+    if "faults" in fields:
+        fields["faults"] = tuple(fields["faults"])
+    return fields
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(**_config_fields(args))  # type: ignore[arg-type]
+
+
+def _given_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """The ``fedsim run`` flags the user actually gave (defaults suppressed)."""
+    parser = build_parser()
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    for action in run._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return parser.parse_args(argv)
+
+
+def _resume_config(run_dir: str, argv: Sequence[str]) -> RunConfig:
+    """The config of the run in ``run_dir`` (its ``config.json``), with the allowed changes from
+    the given flags; any other flag that differs is an error naming the keys."""
+    from fedsim.config import ConfigError
+    from fedsim.rundir import RunDir
+
+    rd = RunDir(run_dir).open_existing()
+    stored = RunConfig.from_json_dict(rd.read_config())
+    given = _config_fields(_given_flags(argv))
+    if given.get("out") and Path(str(given["out"])).resolve() != rd.path:
+        raise ConfigError(f"--out {given['out']} differs from --resume {rd.path}; a resumed run writes where it was")
+    given.pop("out", None)
+    merged = dataclasses.replace(stored, **given, out=str(rd.path))  # type: ignore[arg-type]
+    differ = [k for k in given if k not in RESUME_MAY_CHANGE and getattr(merged, k) != getattr(stored, k)]
+    if differ:
+        was = ", ".join(f"{k}={getattr(stored, k)!r}" for k in differ)
+        now = ", ".join(f"{k}={getattr(merged, k)!r}" for k in differ)
+        raise ConfigError(
+            f"--resume: the run was made with {was}; this command gives {now}. A resumed run keeps its config: drop those flags "
+            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
+        )
+    return merged
 
 
 def _option_fields(options_type: type) -> str:
@@ -183,16 +248,28 @@ def _cmd_list() -> None:
     print("partitioners:", ", ".join(list_partitioners()))
 
 
-def _cmd_run(cfg: RunConfig) -> None:
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fedsim._logging import enable_console_logging
     from fedsim.clients.tasks import get_task
     from fedsim.rundir import METRICS_FILE, RunDir, default_out_dir
+    from fedsim.server.app import RunInterrupted
     from fedsim.simulation import run_simulation
 
     enable_console_logging()
-    out = Path(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).resolve()
-    RunDir(out).ensure_free()  # refuse an existing run before Ray starts
-    run_simulation(dataclasses.replace(cfg, out=str(out)))
+    if args.resume:
+        cfg = _resume_config(args.resume, argv)
+        out = Path(cfg.out)
+    else:
+        cfg = _config_from_args(args)
+        out = Path(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).resolve()
+        RunDir(out).ensure_free().check_writable()  # refuse an existing run or an unwritable folder before Ray starts
+        cfg = dataclasses.replace(cfg, out=str(out))
+    try:
+        run_simulation(cfg, resume=bool(args.resume))
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, RunInterrupted) else signal.SIGINT
+        print(f"fedsim: {_interrupted_message(out, signal.Signals(signum).name)}", file=sys.stderr)
+        return 128 + int(signum)
     rows = RunDir(out).read_metrics()
     if not rows:
         raise RuntimeError(f"the run wrote no metrics to {out / METRICS_FILE}")
@@ -206,6 +283,23 @@ def _cmd_run(cfg: RunConfig) -> None:
         )
     if last.get("global"):
         print(f"  global model: {json.dumps(last['global'])}")
+    return 0
+
+
+def _interrupted_message(out: Path, signame: str) -> str:
+    """One line: what is saved and the command that continues the run."""
+    from fedsim.rundir import RunDir
+    from fedsim.server.checkpoint import checkpoint_round
+
+    rd = RunDir(out)
+    if not (rd.path / "config.json").exists():
+        return f"stopped by {signame} before the run started; nothing was written"
+    saved = checkpoint_round(rd)
+    rows = len(rd.read_metrics())
+    if saved is None:
+        return f"stopped by {signame} after {rows} rounds in {out}; no checkpoint was written yet, so the run cannot be resumed"
+    rounds = "round 1 is" if saved == 1 else f"rounds 1-{saved} are"
+    return f"stopped by {signame}; {rounds} saved in {out} (checkpoint of round {saved}); continue with: fedsim run --resume {out}"
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
@@ -237,12 +331,14 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # --help ends here, before anything heavy is imported
     from fedsim.cme import CMEArchiveError
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
-    from fedsim.rundir import RunDirExistsError
+    from fedsim.rundir import RunDirExistsError, RunDirUnwritableError
+    from fedsim.server.checkpoint import CheckpointError
 
     try:
         if args.command == "list":
@@ -252,8 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "study":
             _cmd_study(args)
         else:
-            _cmd_run(_config_from_args(args))
-    except (ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, FileNotFoundError) as exc:
+            return _cmd_run(args, argv)
+    except (
+        ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, RunDirUnwritableError, FileNotFoundError, CheckpointError,
+    ) as exc:  # fmt: skip
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
     except CMEArchiveError as exc:

@@ -121,6 +121,11 @@ class RunConfig:
     cme_max_size: int = 256
     cme_biases: bool = False
     faults: tuple[str, ...] = ()
+    #: Clients that must answer (without error, with finite parameters) for a round to count;
+    #: 0 = all of them, and a client error stops the run (docs/reliability.md).
+    min_clients: int = 0
+    #: Write a checkpoint (``checkpoint.safetensors``) every this many rounds and after the last; 0 = never.
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().
@@ -150,6 +155,13 @@ class RunConfig:
             raise ConfigError(f"models lists {len(self.models)} models for {self.clients} clients; give one per client")
         if self.fractions and len(self.fractions) != self.clients:
             raise ConfigError(f"fractions lists {len(self.fractions)} values for {self.clients} clients; give one per client")
+        if self.fractions and not all(math.isfinite(f) and f > 0 for f in self.fractions):
+            raise ConfigError(f"fractions must all be numbers > 0, got {','.join(f'{f:g}' for f in self.fractions)}")
+        if self.fractions and abs(sum(self.fractions) - 1) > 1e-3:
+            raise ConfigError(
+                f"fractions must sum to 1 (each is a client's share of the data), got {','.join(f'{f:g}' for f in self.fractions)} "
+                f"summing to {sum(self.fractions):g}"
+            )
         if not (math.isfinite(self.cme_threshold) and 0 < self.cme_threshold < 1):
             raise ConfigError(
                 f"--cme-threshold (run-config key cme-threshold) must be in the range 0 < threshold < 1 "
@@ -159,6 +171,12 @@ class RunConfig:
             parse_faults(self.faults, self.clients)
         except FaultSpecError as exc:
             raise ConfigError(f"--fault: {exc}") from None
+        for name in ("min_clients", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.min_clients > self.clients:
+            raise ConfigError(f"min_clients={self.min_clients} exceeds the {self.clients} clients; use at most {self.clients} (0 = all)")
         _positive_int("cme_max_size", self.cme_max_size)
         if self.cme_max_size < 2:
             raise ConfigError(f"cme_max_size must be >= 2 (a covariance needs two rows), got {self.cme_max_size}")

@@ -17,7 +17,14 @@ kind            what the client does                                        LEVE
                 standard deviation
 ``diverge``     trains with its learning rate x LEVEL, large enough to       1e4
                 blow up; non-finite values are possible
+``crash``       raises an error in round LEVEL (its ClientApp fails)          1
+``hang``        in round LEVEL, sleeps past the round timeout before it       1
+                trains (its reply comes too late: Flower drops it)
+``nan``         returns NaN parameters in round LEVEL                        1
 ==============  =========================================================  =============
+
+``crash``, ``hang`` and ``nan`` exercise the server's client-failure policy (``--min-clients``,
+``docs/reliability.md``); their LEVEL is a round number (1 = the first round).
 
 The functions here are pure (numpy only) and seeded by ``(seed, client)``, so a faulty run is as
 reproducible as a healthy one. Tasks apply the data faults through their shared split handling,
@@ -38,7 +45,14 @@ FAULT_KINDS: dict[str, float] = {
     "lazy": 0.1,
     "free-rider": 1e-3,
     "diverge": 1e4,
+    "crash": 1,
+    "hang": 1,
+    "nan": 1,
 }
+#: Fault kinds whose LEVEL is the round in which the client fails.
+ROUND_FAULTS = ("crash", "hang", "nan")
+#: A ``hang`` client sleeps this many seconds longer than the round timeout.
+HANG_MARGIN = 2.0
 
 
 class FaultSpecError(ValueError):
@@ -82,6 +96,8 @@ def parse_fault(text: str) -> Fault:
         raise FaultSpecError(f"bad fault {text!r}: {kind} LEVEL is a share in (0, 1], got {level:g}")
     if kind in ("lazy", "diverge", "free-rider") and level < 0:
         raise FaultSpecError(f"bad fault {text!r}: {kind} LEVEL must be >= 0, got {level:g}")
+    if kind in ROUND_FAULTS and not (level >= 1 and level == int(level)):
+        raise FaultSpecError(f"bad fault {text!r}: {kind} LEVEL is the round it happens in, a whole number >= 1, got {level:g}")
     return Fault(client, kind, level)
 
 
@@ -102,6 +118,12 @@ def parse_faults(texts: Iterable[str], num_clients: int) -> tuple[Fault, ...]:
 def fault_of(faults: Sequence[Fault], client: int, kind: str) -> Fault | None:
     """The client's fault of this kind, if any."""
     return next((f for f in faults if f.client == client and f.kind == kind), None)
+
+
+def fails_in(faults: Sequence[Fault], client: int, kind: str, server_round: int) -> bool:
+    """Whether the client has the round fault ``kind`` (``crash``, ``hang``, ``nan``) in this round."""
+    f = fault_of(faults, client, kind)
+    return f is not None and int(f.level) == server_round
 
 
 def lr_factor(faults: Sequence[Fault], client: int) -> float:
@@ -159,8 +181,11 @@ def free_rider_noise(shape: tuple[int, ...], scale: float, std: float, seed: int
 
 __all__ = [
     "FAULT_KINDS",
+    "HANG_MARGIN",
+    "ROUND_FAULTS",
     "Fault",
     "FaultSpecError",
+    "fails_in",
     "fault_of",
     "few_data",
     "free_rider_noise",

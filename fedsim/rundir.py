@@ -1,11 +1,14 @@
-"""The run directory: ``config.json``, ``metrics.jsonl`` and the final global parameters.
+"""The run directory: ``config.json``, ``metrics.jsonl``, the checkpoint and the final global parameters.
 
 Writes are atomic (temp file + ``os.replace``) or append-only with flush + fsync, so a crash
-never leaves a half-written file; an existing run is never overwritten.
+never leaves a half-written file; an existing run is never overwritten (``--resume`` continues it).
+Files get the permissions of the process's umask (``0644`` with the usual ``022``), like files
+made with ``open``, so colleagues sharing a results folder can read them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,11 +47,25 @@ class RunDirExistsError(FileExistsError):
     """The output folder already holds a fedsim run."""
 
 
+class RunDirUnwritableError(OSError):
+    """The output folder cannot be made or written (under a file, no permission, read-only)."""
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set, then restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (temp file in the same folder, fsync, rename);
+    the file's mode follows the umask (``mkstemp`` alone would give 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -72,9 +89,30 @@ class RunDir:
             raise RunDirExistsError(f"{self.path} exists and is not a folder; choose another --out")
         return self
 
+    def check_writable(self) -> RunDir:
+        """Refuse an output folder that cannot be made or written, before any work: a path under a
+        file, or a folder where this process may not create files (probed with a temp file)."""
+        probe = self.path
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise RunDirUnwritableError(f"cannot make {self.path}: {probe} is a file, not a folder; choose another --out")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as exc:
+            raise RunDirUnwritableError(f"cannot write in {probe} ({exc.strerror or exc}); choose another --out") from None
+        return self
+
     def create(self) -> RunDir:
         """Create the folder after :meth:`ensure_free`."""
         self.ensure_free().path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def open_existing(self) -> RunDir:
+        """An existing run (to resume): its folder and ``config.json`` must be there."""
+        if not (self.path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{self.path} is not a fedsim run directory ({CONFIG_FILE} is missing)")
         return self
 
     def write_config(self, config: Mapping[str, Any]) -> None:
@@ -106,6 +144,20 @@ class RunDir:
             except json.JSONDecodeError:
                 break
         return out
+
+    def truncate_metrics(self, last_round: int) -> int:
+        """Keep the rounds up to ``last_round`` in ``metrics.jsonl`` (rewritten atomically if lines
+        go, a torn last line included); returns how many lines were dropped."""
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return 0
+        text = path.read_text(encoding="utf-8")
+        keep = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        body = "".join(json.dumps(finite_json(r), sort_keys=True) + "\n" for r in keep)
+        if body == text:
+            return 0
+        atomic_write_bytes(path, body.encode())
+        return len(text.splitlines()) - len(keep)
 
     def save_params(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Path:
         from safetensors.numpy import save

@@ -13,7 +13,14 @@ Each round the client
    ``num-examples`` and its metrics;
 5. with ``cme`` set, a :class:`~fedsim.cme.CMERecorder` callback records the round's
    conversational memory elements, which travel back in the reply as the ``ConfigRecord``
-   ``"cme"`` (see :mod:`fedsim.cme.archive`).
+   ``"cme"`` (see :mod:`fedsim.cme.archive`);
+6. in a checkpoint round (the message's ``fedsim.control`` record asks for it) the reply also
+   carries the private tensors as the ArrayRecord ``fedsim.state``, which the server writes into
+   the run's checkpoint; after ``--resume`` the server sends them back in the same record, and
+   they replace ``Context.state`` (see :mod:`fedsim.server.checkpoint`).
+
+A ``query`` message asks the client who it is: it replies with its ``partition-id``, so the
+server can name clients whose replies are errors and check every reply's partition id.
 
 The run configuration arrives in the message's ``config`` record (sent by the ServerApp), so
 clients need no local configuration except their identity: ``partition-id`` and
@@ -22,6 +29,8 @@ optionally ``data-dir``, a node-local image folder that then replaces the shared
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
@@ -34,9 +43,12 @@ from fedsim.cme import CMESettings, encode
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import CMERecorder
 from fedsim.config import ConfigError, ResolvedConfig
-from fedsim.faults import fault_of, free_rider_noise
+from fedsim.faults import HANG_MARGIN, fails_in, fault_of, free_rider_noise
 
 STATE_KEY = "fedsim.model"
+#: Message records of the checkpoint protocol (:mod:`fedsim.server.checkpoint` uses the same names).
+CONTROL_KEY = "fedsim.control"
+STATE_RECORD_KEY = "fedsim.state"
 #: Keys Flower's strategies add to the config they send (not run-config fields).
 FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu")
 
@@ -76,18 +88,28 @@ def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str |
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
     incoming: dict[str, torch.Tensor] = msg.content.array_records["arrays"].to_torch_state_dict()
-    if STATE_KEY in context.state:  # later rounds: private tensors + received ones, no random init
+    private = _private_state(msg, context)
+    if private is not None:  # later rounds (or a resumed run): private tensors + received ones, no random init
         with torch.device("meta"):
             model = task.build_model(cfg.model_for(pid), cfg)
         incoming = _conform(model, incoming, pid, cfg)
-        full = {**context.state.array_records[STATE_KEY].to_torch_state_dict(), **incoming}
-        model.load_state_dict(full, assign=True)
+        model.load_state_dict({**private.to_torch_state_dict(), **incoming}, assign=True)
     else:  # first round: private initialisation, reproducible per client
         torch.manual_seed(cfg.seed * 1000 + pid)
         model = task.build_model(cfg.model_for(pid), cfg)
         incoming = _conform(model, incoming, pid, cfg)
         model.load_state_dict(incoming, strict=False)
     return cfg, pid, data_dir, model, incoming
+
+
+def _private_state(msg: Message, context: Context) -> ArrayRecord | None:
+    """The private tensors to continue from: those the server sent back after a resume, else the
+    ones kept in ``Context.state``; ``None`` before the first round."""
+    if STATE_RECORD_KEY in msg.content.array_records:
+        return msg.content.array_records[STATE_RECORD_KEY]
+    if STATE_KEY in context.state:
+        return context.state.array_records[STATE_KEY]
+    return None
 
 
 def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int, cfg: ResolvedConfig) -> dict[str, torch.Tensor]:
@@ -113,6 +135,11 @@ def train(msg: Message, context: Context) -> Message:
         logger.info(
             "round %d client %d runs with injected faults: %s", server_round, pid, ", ".join(str(f) for f in faults if f.client == pid)
         )
+    if fails_in(faults, pid, "crash", server_round):
+        raise InjectedCrash(f"client {pid} crashed in round {server_round} (injected fault {pid}:crash:{server_round})")
+    if fails_in(faults, pid, "hang", server_round):
+        logger.warning("client %d hangs for %.0f s in round %d (injected fault)", pid, cfg.round_timeout + HANG_MARGIN, server_round)
+        time.sleep(cfg.round_timeout + HANG_MARGIN)
     # the received tensors became the model's own (assign=True): copy them before training moves them
     keep = mu > 0 or free_rider is not None
     received = {k: v.detach().clone() for k, v in shared.items()} if keep else None
@@ -127,9 +154,14 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Only the private tensors are kept: the shared ones arrive with every message. Context.state
     # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
-    context.state[STATE_KEY] = ArrayRecord({k: v for k, v in state.items() if k not in shared})
+    private = ArrayRecord({k: v for k, v in state.items() if k not in shared})
+    context.state[STATE_KEY] = private
     if free_rider is not None and received is not None:  # returns what it received, plus noise
         reply_arrays = ArrayRecord(_free_ride(received, free_rider.level, cfg.seed, pid, server_round))
+    elif fails_in(faults, pid, "nan", server_round):
+        reply_arrays = ArrayRecord(
+            {k: torch.full_like(state[k], float("nan")) if state[k].is_floating_point() else state[k] for k in shared}
+        )
     else:
         reply_arrays = ArrayRecord({k: state[k] for k in shared})
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
@@ -138,7 +170,14 @@ def train(msg: Message, context: Context) -> Message:
     if cme is not None and cme.result is not None:  # the runner always calls the callbacks
         payload = encode(cme.result, pid, server_round, cfg.model_for(pid))
         content[CME_RECORD_KEY] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": server_round})
+    control = msg.content.config_records.get(CONTROL_KEY)
+    if control is not None and control.get("send-state", False):  # a checkpoint round
+        content[STATE_RECORD_KEY] = private
     return Message(content, reply_to=msg)
+
+
+class InjectedCrash(RuntimeError):
+    """The ``crash`` fault (:mod:`fedsim.faults`): this client fails on purpose."""
 
 
 def _free_ride(received: dict[str, torch.Tensor], scale: float, seed: int, pid: int, server_round: int) -> dict[str, torch.Tensor]:
@@ -167,3 +206,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who is this node? Replies with its ``partition-id`` (checked against the run's clients)."""
+    cfg = ResolvedConfig.from_flower(msg.content.config_records["config"], ignore=FLOWER_CONFIG_KEYS)
+    pid, _ = node_identity(context, cfg)
+    return Message(RecordDict({"identity": MetricRecord({"partition-id": pid})}), reply_to=msg)

@@ -12,12 +12,19 @@ aggregated (same-model scenarios) it is also evaluated on the held-out global te
 
 from __future__ import annotations
 
+import math
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import MessageType
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.supercore.run import Run
@@ -29,6 +36,18 @@ from fedsim.cme.recorder import matching_layers, recorded_parameters
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
 from fedsim.rundir import RunDir, default_out_dir
+from fedsim.server.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    CheckpointError,
+    ClientStateExchange,
+    load_checkpoint,
+    load_strategy_state,
+    log_resume,
+    prune_cme_index,
+    restore_rng,
+)
+from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import RoundRecorder, scalar
 from fedsim.strategies import StrategyHooks, build_strategy
 
@@ -53,27 +72,116 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 0.5) -
 
 
 class ClientFailedError(RuntimeError):
-    """A client replied with an error; the run stops (rounds already written are kept)."""
+    """Clients failed and the policy (``min_clients``) does not allow going on; rounds already
+    written (and the last checkpoint) are kept."""
 
 
 class NonFiniteUpdateError(ClientFailedError):
-    """A client returned NaN or infinite parameters; the run stops before they are aggregated."""
+    """A client returned NaN or infinite parameters, or the aggregated global model is not finite."""
+
+
+class RunInterrupted(Exception):
+    """The run was asked to stop (SIGINT / SIGTERM); ``signum`` is the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+class StopRequest(threading.Event):
+    """An event set by a signal handler, remembering the signal (:class:`OrderedGrid` ``stop``)."""
+
+    signum: int = signal.SIGINT
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """One client that did not deliver in one exchange: who, in which phase, and why (one line)."""
+
+    client: int | None
+    node: int
+    phase: str
+    reason: str
+
+    def __str__(self) -> str:
+        who = f"client {self.client}" if self.client is not None else f"node {self.node}"
+        return f"{who}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"client": self.client, "node": self.node, "phase": self.phase, "reason": self.reason}
+
+
+class GridHook(Protocol):
+    """Something that edits a round's outgoing messages and reads (or strips) the replies, e.g.
+    :class:`~fedsim.server.checkpoint.ClientStateExchange`."""
+
+    def outgoing(self, messages: list[Message]) -> list[Message]: ...
+
+    def incoming(self, replies: Iterable[Message]) -> None: ...
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXC_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Crash|Exit|Interrupt|Warning|Fault))(?::\s*(.*))?$")
+
+
+def one_line_reason(text: str, limit: int = 300) -> str:
+    """The innermost ``SomeError: message`` of a client error (Ray's and Flower's wrappers repeat
+    the remote traceback, with ANSI colours): one line, no escape codes, at most ``limit`` chars."""
+    lines = [ln.rstrip() for ln in _ANSI.sub("", text).replace("\\n", "\n").splitlines() if ln.strip()]
+    hits = [m for ln in lines if (m := _EXC_LINE.match(ln)) and m.group(1) != "ClientAppException"]
+    if hits:
+        last = hits[-1]
+        line = f"{last.group(1)}: {last.group(2)}" if last.group(2) else last.group(1)
+    else:
+        line = lines[-1].strip() if lines else "no reason given"
+    line = line.strip().rstrip("'>")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class OrderedGrid(Grid):
-    """A :class:`~flwr.serverapp.Grid` that returns replies sorted by the clients' partition id,
-    and stops the run when a client failed; every other call goes to the wrapped grid.
+    """The :class:`~flwr.serverapp.Grid` the strategy talks to: replies sorted by the clients'
+    partition id, the client-failure policy, and hooks; every other call goes to the wrapped grid.
 
-    Aggregation sums floats in reply order; sorting makes runs with the same seed bit-identical
-    whatever order the nodes answered in. ``on_reply`` sees every reply first, in that order (the
-    CME archive writer reads its records there, whatever the strategy). fedsim's strategies train
-    every client every round, so a client error (bad local data, out of memory, ...) ends the run
-    with its reason instead of silently aggregating fewer hospitals.
+    * Aggregation sums floats in reply order; sorting makes runs with the same seed bit-identical
+      whatever order the nodes answered in.
+    * :meth:`identify` asks every node for its partition id once (a ``query`` message), so error
+      replies name the client, and every later reply's ``partition-id`` is checked against the
+      node it came from.
+    * Policy: with ``min_replies == 0`` (the default, "all") a client error or a non-finite update
+      stops the run with one line per failed client. With ``min_replies = N`` a round goes on if
+      at least ``N`` clients delivered: errors, non-finite updates, wrong partition ids and replies
+      missing at the round timeout are failures, logged once each and passed to ``on_failures``;
+      below ``N`` the run stops naming them.
+    * ``hooks`` (:class:`GridHook`) edit the outgoing messages and read the replies first;
+      ``on_reply`` sees every delivered reply, in order (the CME archive writer reads its records
+      there, whatever the strategy).
+    * ``stop``: when this event is set, the wait for replies ends with :class:`RunInterrupted`
+      (the CLI sets it on SIGINT / SIGTERM), within ``poll`` seconds.
     """
 
-    def __init__(self, grid: Grid, on_reply: Callable[[Message], None] | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        on_reply: Callable[[Message], None] | None = None,
+        *,
+        min_replies: int = 0,
+        on_failures: Callable[[list[ClientFailure]], None] | None = None,
+        hooks: Sequence[GridHook] = (),
+        stop: StopRequest | None = None,
+        poll: float = 0.2,
+    ) -> None:
         self._grid = grid
         self._on_reply = on_reply
+        self._min_replies = min_replies
+        self._on_failures = on_failures
+        self.hooks: list[GridHook] = list(hooks)
+        self._stop = stop
+        self._poll = poll
+        self.partition_of: dict[int, int] = {}
 
     @property
     def run(self) -> Run:
@@ -94,29 +202,136 @@ class OrderedGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
+    def identify(self, node_ids: Iterable[int], config: ConfigRecord, timeout: float) -> dict[int, int]:
+        """Ask each node for its partition id (``query``); returns and keeps node id -> partition."""
+        msgs = [Message(RecordDict({"config": config}), nid, MessageType.QUERY) for nid in node_ids]
+        replies = self._exchange(msgs, timeout)
+        failed = [f"node {m.metadata.src_node_id}: {one_line_reason(m.error.reason or '')}" for m in replies if m.has_error()]
+        if failed:
+            raise ClientFailedError(f"{len(failed)} of {len(msgs)} clients failed to start: {'; '.join(failed)}")
+        owners: dict[int, int] = {}
+        for m in replies:
+            pid = _partition_of(m)[1]
+            if pid in owners:
+                raise ClientFailedError(
+                    f"nodes {owners[pid]} and {m.metadata.src_node_id} both say they are partition {pid}; give each node its own partition-id"
+                )
+            owners[pid] = m.metadata.src_node_id
+        self.partition_of = {node: pid for pid, node in owners.items()}
+        return dict(self.partition_of)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=_partition_of)
-        errors = [m for m in replies if m.has_error()]
-        if errors:
-            detail = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
-            raise ClientFailedError(f"{len(errors)} of {len(replies)} clients failed: {detail}")
-        check_finite(replies)
+        messages = list(messages)
+        for hook in self.hooks:
+            messages = hook.outgoing(messages)
+        sent = {m.metadata.dst_node_id for m in messages}
+        replies = sorted(self._exchange(messages, timeout), key=self._sort_key)
+        for hook in self.hooks:
+            hook.incoming(replies)
+        good, failures = self._apply_policy(replies)
+        missing = sorted(sent - {m.metadata.src_node_id for m in replies})
+        phase = messages[0].metadata.message_type if messages else ""
+        if missing:
+            gone = [
+                ClientFailure(self.partition_of.get(n), n, phase, f"no reply within the round timeout ({timeout:g} s)") for n in missing
+            ]
+            if self._min_replies:
+                failures += gone
+            else:
+                logger.warning("no reply from %s; going on without them", ", ".join(str(f).split(":")[0] for f in gone))
+        if failures:
+            total = len(sent | {m.metadata.src_node_id for m in replies})
+            self._fail_or_tolerate(failures, len(good), total, _round_of(messages))
         if self._on_reply is not None:
-            for m in replies:
+            for m in good:
                 self._on_reply(m)
-        return replies
+        return good
+
+    # ------------------------------------------------------------------ internals
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        if self._stop is None:
+            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        # As Flower's grids do (push, then pull until every reply is in or the time is up), but
+        # checking the stop event between pulls so that a signal ends the wait.
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else math.inf)
+        out: list[Message] = []
+        while pending:
+            if self._stop.is_set():
+                raise RunInterrupted(self._stop.signum)
+            got = list(self._grid.pull_messages(pending))
+            out.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= end:
+                break
+            self._stop.wait(self._poll)
+        return out
+
+    def _sort_key(self, msg: Message) -> tuple[int, int]:
+        if msg.has_error():
+            return (1, self.partition_of.get(msg.metadata.src_node_id, 0))
+        return _partition_of(msg)
+
+    def _client(self, msg: Message) -> int | None:
+        return self.partition_of.get(msg.metadata.src_node_id)
+
+    def _apply_policy(self, replies: list[Message]) -> tuple[list[Message], list[ClientFailure]]:
+        """Split replies into usable ones and failures (error, wrong partition id, non-finite)."""
+        good: list[Message] = []
+        failures: list[ClientFailure] = []
+        for m in replies:
+            node, phase = m.metadata.src_node_id, m.metadata.message_type
+            if m.has_error():
+                failures.append(ClientFailure(self._client(m), node, phase, one_line_reason(m.error.reason or "")))
+                continue
+            claimed = _partition_of(m)[1]
+            if self.partition_of and self.partition_of.get(node) != claimed and m.content.metric_records:
+                failures.append(
+                    ClientFailure(self._client(m), node, phase, f"replied as partition {claimed}, but node {node} is not that client")
+                )
+                continue
+            bad = nonfinite_tensor(m)
+            if bad is not None:
+                failures.append(NonFiniteFailure(claimed, node, phase, f"non-finite parameters ({bad})"))
+                continue
+            good.append(m)
+        return good, failures
+
+    def _fail_or_tolerate(self, failures: list[ClientFailure], delivered: int, sent: int, server_round: int) -> None:
+        where = f"round {server_round}: " if server_round else ""
+        if self._min_replies == 0 or delivered < self._min_replies:
+            if all(isinstance(f, NonFiniteFailure) for f in failures):
+                names = ", ".join(f"client {f.client} ({f.reason.split('(', 1)[1].rstrip(')')})" for f in failures)
+                raise NonFiniteUpdateError(
+                    f"{where}non-finite parameters from {names}; stopped before aggregating them "
+                    "(the rounds so far are kept; a lower learning rate usually helps)"
+                )
+            need = f"; {self._min_replies} needed (--min-clients)" if self._min_replies else ""
+            detail = "; ".join(str(f) for f in failures)
+            raise ClientFailedError(f"{where}{len(failures)} of {sent} clients failed{need}: {detail}")
+        for f in failures:
+            logger.warning("%sgoing on without %s", where, f)
+        if self._on_failures is not None:
+            self._on_failures(failures)
+
+
+class NonFiniteFailure(ClientFailure):
+    """A reply whose parameters hold NaN or infinity."""
+
+
+def nonfinite_tensor(msg: Message) -> str | None:
+    """The name of the first tensor of a reply holding NaN or infinity, else ``None``."""
+    for record in msg.content.array_records.values():
+        name = next((k for k, a in record.items() if not np.isfinite(a.numpy()).all()), None)
+        if name is not None:
+            return name
+    return None
 
 
 def check_finite(replies: Sequence[Message]) -> None:
     """Refuse replies carrying non-finite parameters (:class:`NonFiniteUpdateError`, naming the
     clients and a tensor each), so one diverged hospital cannot turn the average into NaN."""
-    bad = []
-    for m in replies:
-        for record in m.content.array_records.values():
-            name = next((k for k, a in record.items() if not np.isfinite(a.numpy()).all()), None)
-            if name is not None:
-                bad.append(f"client {_partition_of(m)[1]} ({name})")
-                break
+    bad = [f"client {_partition_of(m)[1]} ({name})" for m in replies if (name := nonfinite_tensor(m)) is not None]
     if bad:
         raise NonFiniteUpdateError(
             f"non-finite parameters from {', '.join(bad)}; stopped before aggregating them "
@@ -132,13 +347,23 @@ def _partition_of(msg: Message) -> tuple[int, int]:
     return (0, int(scalar(m.get("partition-id", 0))))
 
 
-def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:
-    """Run a whole federated training with a resolved config; return Flower's ``Result``."""
+def _round_of(messages: Sequence[Message]) -> int:
+    for m in messages[:1]:
+        for record in m.content.config_records.values():
+            value = record.get("server-round")
+            if isinstance(value, int | float):
+                return int(value)
+    return 0
+
+
+def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> Result:
+    """Run a whole federated training with a resolved config; return Flower's ``Result``.
+
+    ``resume``: continue the run in ``cfg.out`` from its checkpoint (:mod:`fedsim.server.checkpoint`).
+    ``stop``: an event that ends the run with :class:`RunInterrupted` when set (signal handling).
+    """
     task = get_task(cfg.task)
-    run_dir = RunDir(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).create()
-    cfg_json = cfg.to_json_dict() | {"out": str(run_dir.path)}
-    run_dir.write_config(cfg_json)
-    logger.info("run directory: %s", run_dir.path)
+    run_dir = _open_run_dir(cfg, resume)
     if cfg.faults:
         logger.warning("injected faults: %s", ", ".join(str(f) for f in cfg.fault_specs()))
 
@@ -163,27 +388,68 @@ def run_server(grid: Grid, cfg: ResolvedConfig) -> Result:
 
     recorder = RoundRecorder(run_dir, client_models, global_eval if complete else None)
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
+    ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None
     if cfg.cme:
         check_cme_layers(cfg)
         on_reply = CMEArchiveWriter(run_dir.path).collect
         logger.info("recording CMEs into %s", run_dir.path / "cme")
+    ordered = OrderedGrid(grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, stop=stop)
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
-    record = ConfigRecord(cfg.to_flower())
-    result = strategy.start(
-        grid=OrderedGrid(grid, on_reply),
-        initial_arrays=ArrayRecord({k: server_state[k] for k in shared}),
+    ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
+    checkpointer = Checkpointer(run_dir, cfg, strategy)
+    exchange = ClientStateExchange(checkpointer.wanted, ordered.partition_of, ckpt.clients if ckpt else None)
+    checkpointer.exchange = exchange
+    ordered.hooks.append(exchange)
+    if ckpt is not None:
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.arrays.items()})
+        load_strategy_state(strategy, ckpt.strategy_arrays, ckpt.strategy_meta)
+        restore_rng(ckpt.rng, ckpt.rng_arrays)
+    else:
+        initial = ArrayRecord({k: server_state[k] for k in shared})
+    result = run_rounds(
+        strategy,
+        ordered,
+        initial,
+        first_round=ckpt.round + 1 if ckpt else 1,
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout,
-        train_config=record,
+        train_config=ConfigRecord(cfg.to_flower()),
         evaluate_config=ConfigRecord(cfg.to_flower()),
         evaluate_fn=recorder.on_round_end,
+        on_round_end=[checkpointer.on_round_end],
     )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
     path = run_dir.save_params(final, {"server_model": cfg.server_model, "complete": str(complete).lower(), "rounds": str(cfg.rounds)})
     logger.info("final global parameters: %s", path)
     return result
+
+
+def _open_run_dir(cfg: ResolvedConfig, resume: bool) -> RunDir:
+    """A new run directory with ``config.json``, or (``resume``) the existing one, unchanged."""
+    if resume:
+        run_dir = RunDir(cfg.out).open_existing()
+        logger.info("run directory (resumed): %s", run_dir.path)
+        return run_dir
+    run_dir = RunDir(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).create()
+    run_dir.write_config(cfg.to_json_dict() | {"out": str(run_dir.path)})
+    logger.info("run directory: %s", run_dir.path)
+    return run_dir
+
+
+def _load_for_resume(run_dir: RunDir, cfg: ResolvedConfig) -> Checkpoint:
+    """The run's checkpoint; rounds recorded after it (metrics lines, CME records) are dropped,
+    since the resumed run computes them again."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.round >= cfg.rounds:
+        raise CheckpointError(f"{run_dir.path} already finished all {cfg.rounds} rounds; nothing to resume")
+    dropped = run_dir.truncate_metrics(ckpt.round)
+    dropped += prune_cme_index(run_dir.path, ckpt.round)
+    if dropped:
+        logger.info("dropped %d records of rounds after the checkpoint (round %d); they are computed again", dropped, ckpt.round)
+    log_resume(ckpt, cfg.rounds)
+    return ckpt
 
 
 def check_cme_layers(cfg: ResolvedConfig) -> None:
@@ -203,14 +469,15 @@ def check_cme_layers(cfg: ResolvedConfig) -> None:
         logger.warning("CME ACF (eq. 4) pairs consecutive local epochs: with local_epochs=1 it stays empty")
 
 
-def make_server_app(cfg: ResolvedConfig) -> ServerApp:
-    """A ServerApp bound to an already-resolved config (used by ``fedsim run``)."""
+def make_server_app(cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> ServerApp:
+    """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume`` and
+    ``stop`` as in :func:`run_server`."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         enable_console_logging()
-        run_server(grid, cfg)
+        run_server(grid, cfg, resume=resume, stop=stop)
 
     return server_app
 

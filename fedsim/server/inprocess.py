@@ -31,8 +31,12 @@ Threads: the Ray backend gives each client actor ``OMP_NUM_THREADS = max(floor(c
 ``num_threads`` to run the ClientApp calls with that many torch threads (the server side keeps the
 process's setting, as the ServerApp does in the engine); see :func:`ray_client_threads`.
 
-Not provided: TTL expiry and ``timeout`` (delivery is synchronous, every reply is there when
-:meth:`send_and_receive` returns), Ray's per-client CPU/GPU reservations, and process isolation
+``timeout`` of :meth:`send_and_receive`: delivery is synchronous, so a ClientApp call that took
+longer than ``timeout`` seconds (e.g. the ``hang`` fault) has its reply dropped, as the engine
+stops waiting for it; the node keeps the context the call left, as the engine keeps the context of
+a late reply.
+
+Not provided: TTL expiry, Ray's per-client CPU/GPU reservations, and process isolation
 (module-level state of the ClientApp survives between calls, as in a single Ray actor).
 """
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -107,6 +112,7 @@ class InProcessGrid(Grid):
         }
         self._absent = {self._node_ids[k] for k in absent}
         self._replies: dict[str, Message] = {}
+        self._took: dict[str, float] = {}  # message id -> seconds its ClientApp call took
         _set_server_task_identity(run_id)
 
     # ------------------------------------------------------------------ Grid API
@@ -137,7 +143,9 @@ class InProcessGrid(Grid):
             ids.append(msg.metadata.message_id)
             if msg.metadata.dst_node_id in self._absent:
                 continue  # its reply never comes
+            start = time.monotonic()
             reply = self._deliver(msg)
+            self._took[msg.metadata.message_id] = time.monotonic() - start
             self._replies[msg.metadata.message_id] = reply
             if self._on_reply is not None:
                 self._on_reply(msg, reply)
@@ -148,8 +156,20 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver ``messages`` and return all replies (``timeout`` is moot: delivery is synchronous)."""
-        return list(self.pull_messages(list(self.push_messages(messages))))
+        """Deliver ``messages`` and return the replies; a reply whose ClientApp call took longer
+        than ``timeout`` seconds is dropped (lost, as in the engine)."""
+        replies = list(self.pull_messages(list(self.push_messages(messages))))
+        if timeout is None:
+            return replies
+        late = {mid: secs for mid, secs in self._took.items() if secs > timeout}
+        self._took.clear()
+        for r in replies:
+            if r.metadata.reply_to_message_id in late:
+                secs = late[r.metadata.reply_to_message_id]
+                logger.debug(
+                    "node %d replied after %.1f s, beyond the %g s timeout: its reply is dropped", r.metadata.src_node_id, secs, timeout
+                )
+        return [r for r in replies if r.metadata.reply_to_message_id not in late]
 
     # ------------------------------------------------------------------ delivery
     def _deliver(self, msg: Message) -> Message:
@@ -159,7 +179,7 @@ class InProcessGrid(Grid):
             with torch_threads(self._num_threads):
                 reply = self._app(copy.deepcopy(msg), context)
         except Exception as exc:  # noqa: BLE001  (reported as an error reply, like Flower's Simulation Engine)
-            logger.error("ClientApp failed on node %d (%s):\n%s", node_id, msg.metadata.message_type, traceback.format_exc())
+            logger.debug("ClientApp failed on node %d (%s):\n%s", node_id, msg.metadata.message_type, traceback.format_exc())
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         else:
             if reply.metadata.reply_to_message_id != msg.metadata.message_id:

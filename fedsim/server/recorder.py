@@ -55,6 +55,12 @@ class RoundRecorder:
         self.global_eval = global_eval
         self._train: dict[int, dict[str, Any]] = {}
         self._eval: dict[int, dict[str, Any]] = {}
+        self._failed: list[dict[str, Any]] = []
+
+    def note_failures(self, failures: Sequence[Any]) -> None:
+        """Clients the round went on without (``ClientFailure``: ``to_json()``); recorded in the
+        round's line as ``failed`` (the key is absent when every client delivered)."""
+        self._failed.extend(f.to_json() for f in failures)
 
     def _collect(self, store: dict[int, dict[str, Any]], records: list[RecordDict], key: str) -> MetricRecord:
         for rd in records:
@@ -94,9 +100,13 @@ class RoundRecorder:
             )  # fmt: skip
         if glob:
             logger.info("round %d global model: %s", server_round, _fmt(glob))
-        self.run_dir.append_metrics({"round": server_round, "clients": clients, "global": _strip(glob)})
+        line: dict[str, Any] = {"round": server_round, "clients": clients, "global": _strip(glob)}
+        if self._failed:
+            line["failed"] = list(self._failed)
+        self.run_dir.append_metrics(line)
         self._train.clear()
         self._eval.clear()
+        self._failed.clear()
         return _record(glob) if glob else None
 
 

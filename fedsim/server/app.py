@@ -112,7 +112,9 @@ class ClientFailure:
         return f"{who}: {self.reason}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"client": self.client, "node": self.node, "phase": self.phase, "reason": self.reason}
+        """For ``metrics.jsonl``: the node id (random in Flower's engine) only when the client is unknown."""
+        who: dict[str, Any] = {"client": self.client} if self.client is not None else {"client": None, "node": self.node}
+        return who | {"phase": self.phase, "reason": self.reason}
 
 
 class GridHook(Protocol):

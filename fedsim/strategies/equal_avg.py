@@ -35,4 +35,25 @@ class EqualWeightFedAvg(FedAvg):
 
 @register_strategy("equal_avg")
 def build_equal_avg(options: None, hooks: StrategyHooks) -> EqualWeightFedAvg:
+    """Equal-weighted FedAvg: every hospital counts the same (the CME paper's default)."""
     return EqualWeightFedAvg(**hooks.fedavg_kwargs())
+
+
+_EQUAL_CLASSES: dict[type[FedAvg], type[FedAvg]] = {}
+
+
+def with_weighting(cls: type[FedAvg], weighting: str) -> type[FedAvg]:
+    """``cls`` itself for ``weighting="examples"``; for ``"equal"`` the subclass of ``cls`` and
+    :class:`EqualWeightFedAvg` (``cls``'s own ``aggregate_train``, e.g. FedAdam's server
+    optimiser, then gets the equal-weighted mean from ``super().aggregate_train``)."""
+    if weighting == "examples":
+        return cls
+    if weighting != "equal":
+        raise ValueError(f"weighting must be 'examples' or 'equal', got {weighting!r}")
+    if cls is FedAvg or issubclass(cls, EqualWeightFedAvg):
+        return EqualWeightFedAvg if cls is FedAvg else cls
+    if cls not in _EQUAL_CLASSES:
+        _EQUAL_CLASSES[cls] = type(
+            f"EqualWeight{cls.__name__}", (cls, EqualWeightFedAvg), {"__doc__": f"{cls.__name__} with equal client weights."}
+        )
+    return _EQUAL_CLASSES[cls]

@@ -217,6 +217,9 @@ def _resume_config(run_dir: str, argv: Sequence[str]) -> RunConfig:
             f"--resume: the run was made with {was}; this command gives {now}. A resumed run keeps its config: drop those flags "
             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
         )
+    from fedsim.server.checkpoint import check_resumable
+
+    check_resumable(rd, int(merged.rounds or 0))  # before Ray starts
     return merged
 
 

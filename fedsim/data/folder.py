@@ -6,12 +6,17 @@ Kaggle "Brain Tumor Classification (MRI)" (the CME paper's data set, section 4.1
     DATA_DIR/Testing/{glioma_tumor,meningioma_tumor,no_tumor,pituitary_tumor}/*.jpg
 
 Both splits are merged (3,264 images), as in the paper. Any other ``DATA_DIR/<class>/<image>``
-tree works too. Images may have mixed sizes and be grayscale or RGB (jpg/png/bmp/tif); they are
-converted to grayscale and resized to a square ``image_size``.
+tree works too; a task that knows its classes passes them (``classes``) and then every class
+folder must be one of them (labels follow the task's order, so a missing class shifts nothing).
+Images may have mixed sizes and be grayscale or RGB (jpg/png/bmp/tif); they are converted to
+grayscale and resized to a square ``image_size``. An image that is empty, truncated, not an image,
+or larger than :data:`MAX_IMAGE_PIXELS` (a decompression bomb) is refused naming the file.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,8 @@ import numpy as np
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 KAGGLE_SPLITS = ("Training", "Testing")
 KAGGLE_CLASSES = ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor")
+#: Larger images are refused before they are decoded (64 megapixels, e.g. 8000 x 8000).
+MAX_IMAGE_PIXELS = 64_000_000
 
 EXPECTED_LAYOUT = (
     "expected either the Kaggle layout DATA_DIR/Training/<class>/ and DATA_DIR/Testing/<class>/ "
@@ -30,6 +37,10 @@ EXPECTED_LAYOUT = (
 
 class DataLayoutError(ValueError):
     """The data folder does not have a layout fedsim can read."""
+
+
+class BadImageError(DataLayoutError):
+    """One image file cannot be used (empty, truncated, not an image, too large); names the file."""
 
 
 @dataclass(frozen=True)
@@ -45,19 +56,30 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def scan_image_folder(data_dir: str | Path) -> FileList:
+def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None) -> FileList:
     """List the images under ``data_dir`` (Kaggle layout or class-per-folder) without reading them.
 
-    Cheap, so that the CLI can validate a data folder before any training starts.
+    Cheap, so that the CLI can validate a data folder before any training starts. With
+    ``classes`` (the task's class names, in label order) every class folder must be one of them,
+    and ``labels`` index into ``classes``; otherwise the sorted folder names are the classes.
     """
     root = Path(data_dir)
     if not root.is_dir():
         raise DataLayoutError(f"data folder {root} does not exist or is not a folder; {EXPECTED_LAYOUT}")
     splits = [root / s for s in KAGGLE_SPLITS if (root / s).is_dir()]
     roots = splits if splits else [root]
-    class_names = sorted({d.name for r in roots for d in r.iterdir() if d.is_dir()})
-    if len(class_names) < 2:
-        raise DataLayoutError(f"{root} has {len(class_names)} class folder(s); {EXPECTED_LAYOUT}")
+    found = sorted({d.name for r in roots for d in r.iterdir() if d.is_dir()})
+    if classes is not None:
+        unexpected = [n for n in found if n not in classes]
+        if unexpected:
+            missing = [c for c in classes if c not in found]
+            raise DataLayoutError(
+                f"the class folders of {root} are {', '.join(found)}, but the task's classes are {', '.join(classes)} "
+                f"(unexpected: {', '.join(unexpected)}; missing: {', '.join(missing) or 'none'}); rename the folders to the task's classes"
+            )
+    if len(found) < 2:
+        raise DataLayoutError(f"{root} has {len(found)} class folder(s); {EXPECTED_LAYOUT}")
+    class_names = list(classes) if classes is not None else found
     paths: list[Path] = []
     labels: list[int] = []
     for r in roots:
@@ -66,24 +88,33 @@ def scan_image_folder(data_dir: str | Path) -> FileList:
                 files = _images_in(r / name)
                 paths += files
                 labels += [label] * len(files)
-    empty = [n for n in class_names if labels.count(class_names.index(n)) == 0]
+    empty = [n for n in found if labels.count(class_names.index(n)) == 0]
     if empty:
         raise DataLayoutError(f"class folder(s) {', '.join(empty)} under {root} hold no images; {EXPECTED_LAYOUT}")
     return FileList(tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names))
 
 
-def load_images(files: FileList, image_size: int) -> np.ndarray:
+def load_images(files: FileList, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read every image as grayscale, resized to ``image_size`` square: uint8 (N, H, W).
 
-    An unreadable file raises ``ValueError`` naming it.
+    The first unusable file (empty, truncated, not an image, more than ``max_pixels`` pixels)
+    raises :class:`BadImageError` naming it; the size is checked from the header, before decoding.
     """
     from PIL import Image, UnidentifiedImageError
 
     out = np.empty((len(files.paths), image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(files.paths):
         try:
-            with Image.open(path) as im:
-                out[i] = np.asarray(im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}; fix or remove the file") from exc
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.width * im.height > max_pixels:
+                        raise BadImageError(
+                            f"image {path} is {im.width} x {im.height} pixels, more than fedsim's limit of {max_pixels / 1e6:g} megapixels; "
+                            "downscale or remove it"
+                        )
+                    out[i] = np.asarray(im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            reason = "the file is empty" if path.stat().st_size == 0 else str(exc)
+            raise BadImageError(f"cannot read image {path}: {reason}; fix or remove the file") from exc
     return out

@@ -39,8 +39,8 @@ from fedsim.rundir import RunDir, default_out_dir
 from fedsim.server.checkpoint import (
     Checkpoint,
     Checkpointer,
-    CheckpointError,
     ClientStateExchange,
+    check_resumable,
     load_checkpoint,
     load_strategy_state,
     log_resume,
@@ -443,9 +443,8 @@ def _open_run_dir(cfg: ResolvedConfig, resume: bool) -> RunDir:
 def _load_for_resume(run_dir: RunDir, cfg: ResolvedConfig) -> Checkpoint:
     """The run's checkpoint; rounds recorded after it (metrics lines, CME records) are dropped,
     since the resumed run computes them again."""
+    check_resumable(run_dir, cfg.rounds)
     ckpt = load_checkpoint(run_dir)
-    if ckpt.round >= cfg.rounds:
-        raise CheckpointError(f"{run_dir.path} already finished all {cfg.rounds} rounds; nothing to resume")
     dropped = run_dir.truncate_metrics(ckpt.round)
     dropped += prune_cme_index(run_dir.path, ckpt.round)
     if dropped:

@@ -330,6 +330,20 @@ def checkpoint_round(run_dir: RunDir) -> int | None:
         return None
 
 
+def check_resumable(run_dir: RunDir, rounds: int) -> int:
+    """The round of the run's checkpoint, if the run can continue from it (cheap: header only);
+    :class:`CheckpointError` naming the cause otherwise."""
+    path = run_dir.path / CHECKPOINT_FILE
+    if not path.exists():
+        raise CheckpointError(f"{run_dir.path} has no checkpoint ({CHECKPOINT_FILE}); it cannot be resumed (was --checkpoint-every 0?)")
+    saved = checkpoint_round(run_dir)
+    if saved is None:
+        raise CheckpointError(f"cannot read the checkpoint {path}; it cannot be resumed")
+    if saved >= rounds:
+        raise CheckpointError(f"{run_dir.path} already finished all {rounds} rounds; nothing to resume")
+    return saved
+
+
 def prune_cme_index(run_path: Path, after_round: int) -> int:
     """Drop CME archive entries of rounds after ``after_round`` from ``cme/index.json`` (atomically;
     their files are overwritten when the rounds are recorded again). Returns how many were dropped."""

@@ -39,7 +39,7 @@ from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.scaffold import CohortTask
 from fedsim.clients.training import LocalTraining, Metrics, TrainStep, classifier_epoch, evaluate_classifier
 from fedsim.config import ConfigError, Profile, ResolvedConfig
-from fedsim.data.folder import load_images, scan_image_folder
+from fedsim.data.folder import KAGGLE_CLASSES, load_images, scan_image_folder
 from fedsim.data.partition import split_train_test
 from fedsim.data.synthetic_mri import CLASS_NAMES, apply_site_style, generate_cohort
 
@@ -72,7 +72,7 @@ class BrainMRIOptions:
 def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W) uint8 and labels; cached per process purely for speed (deterministic)."""
     if data_dir:
-        files = scan_image_folder(data_dir)
+        files = scan_image_folder(data_dir, KAGGLE_CLASSES)
         logger.info("reading %d images from %s at %d px", len(files.paths), data_dir, image_size)
         return load_images(files, image_size), files.labels
     logger.info("generating the synthetic cohort: %d images at %d px (seed %d)", num_samples, image_size, seed)
@@ -98,10 +98,18 @@ class BrainMRITask(CohortTask):
         if opts.shift_round and not cfg.site_styles:
             raise ConfigError("task option shift-round switches site styles, so it needs --site-styles")
 
+    def check_data(self, cfg: ResolvedConfig) -> list[int]:
+        """The split check, and with a data folder every image decoded once (naming the first bad
+        file) before Ray starts; the images stay cached for the server's global test set."""
+        sizes = super().check_data(cfg)
+        if cfg.data_dir:
+            cohort(cfg)
+        return sizes
+
     def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
         """Class labels (synthetic: index ``i`` has class ``i % 4``; a folder: its class folders)."""
         if data_dir:
-            return scan_image_folder(data_dir).labels
+            return scan_image_folder(data_dir, KAGGLE_CLASSES).labels
         return np.arange(cfg.num_samples, dtype=np.int64) % len(CLASS_NAMES)
 
     def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:

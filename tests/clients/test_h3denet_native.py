@@ -49,13 +49,13 @@ def _write(tmp_path, shape=(160, 150, 90), spread=(10.0, 10.0, 6.0), n=3) -> lis
 
 
 def test_a_one_voxel_error_costs_the_native_spacing(tmp_path):
-    vols = _write(tmp_path)
+    vols = _write(tmp_path, shape=(120, 110, 60), n=2)
     task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
-    cfg = _cfg()
-    cases = task.cases(cfg, np.arange(3), str(tmp_path))
+    cfg = _cfg(task_options=(("zoom-min", "0.9"),))
+    cases = task.cases(cfg, np.arange(2), str(tmp_path))
     crop = crop_shape(cfg.image_size)
-    # memory: only the region crops can touch (64 / zoom-min 0.6 ~ 107 voxels plus margins), not the scan
-    assert all(c.volume.shape[0] < 160 and c.volume.size < 0.6 * vols[0].size for c in cases)
+    # memory: only the region crops can touch (64 / zoom-min 0.9 ~ 71 voxels plus margins), not the scan
+    assert all(c.volume.shape[0] < 80 and c.volume.size < 0.35 * vols[0].size for c in cases)
     prepared = [task.prepare(c, cfg, None, str(tmp_path)) for c in cases]
     for p, c, v in zip(prepared, cases, vols, strict=True):
         assert p.spacing.tolist() == SPACING.tolist() and p.scale.tolist() == [1.0, 1.0, 1.0]
@@ -68,12 +68,12 @@ def test_a_one_voxel_error_costs_the_native_spacing(tmp_path):
     model.queue = [p.landmarks for p in prepared]
     metrics = task._evaluate(model, cases, cfg, torch.device("cpu"), str(tmp_path))
     assert metrics["mre"] == pytest.approx(0.4) and metrics["sd"] == pytest.approx(0.0, abs=1e-12)
-    assert metrics["mre-case"] == pytest.approx(0.4) and metrics["landmarks"] == 42
-    # resolution=fit (the old behaviour) evaluates at the resampled spacing: 160 voxels -> 80 x 0.8
+    assert metrics["mre-case"] == pytest.approx(0.4) and metrics["landmarks"] == 28
+    # resolution=fit (the old behaviour) evaluates at the resampled spacing: 120 voxels -> 80 x 0.8
     fit = _cfg(task_options=(("resolution", "fit"),))
-    fit_cases = task.cases(fit, np.arange(3), str(tmp_path))
+    fit_cases = task.cases(fit, np.arange(2), str(tmp_path))
     p_fit = task.prepare(fit_cases[0], fit, None, str(tmp_path))
-    assert p_fit.spacing[0] == pytest.approx(0.4 * 160 / 80 * 80 / round(0.8 * 64))
+    assert p_fit.spacing[0] == pytest.approx(0.4 * 120 / 80 * 80 / round(0.8 * 64))
 
 
 def test_landmarks_that_do_not_fit_are_zoomed_out_just_enough(tmp_path):
@@ -119,3 +119,42 @@ def test_training_views_keep_every_landmark_and_recipes_pick_the_items(tmp_path)
         _cfg(task_options=(("recipe", "github"),))
     with pytest.raises(ConfigError, match=r"unknown eval-centre 'truth'; valid choices: auto, volume, landmarks"):
         _cfg(task_options=(("eval-centre", "truth"),))
+
+
+def test_authors_recipe_holds_the_learning_rate_at_its_floor_and_holds_out_a_validation_split():
+    task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
+    cfg = _cfg(num_samples=8, clients=1, local_epochs=2, task_options=(("recipe", "authors"),))
+    plan = task.plan(cfg)
+    # the release: lr x 0.98 per epoch while lr > 3 % of the start: 0.98^173 = 0.0303 > 0.03 >= 0.98^174
+    assert plan.learning_rate(1e-3, 0.98, 173) == pytest.approx(1e-3 * 0.98**173)
+    assert plan.learning_rate(1e-3, 0.98, 174) == plan.learning_rate(1e-3, 0.98, 500) == pytest.approx(1e-3 * 0.98**174)
+    assert task.plan(_cfg()).learning_rate(1e-3, 0.98, 500) == pytest.approx(1e-3 * 0.98**500)  # paper: no floor
+    _, parts = task.client_split(cfg, 0)
+    assert len(parts) == 3 and all(len(p) for p in parts) and not set(parts[0]) & set(parts[1])
+    assert len(task.client_split(_cfg(num_samples=8, clients=1), 0)[1]) == 2  # paper: no validation split
+    with pytest.raises(ConfigError, match=r"val-fraction must be in \(0, 1\)"):
+        _cfg(task_options=(("val-fraction", "1.5"),))
+
+
+@pytest.mark.slow
+def test_authors_recipe_keeps_the_best_local_epoch():
+    task: H3DENetTask = get_task("h3denet")  # type: ignore[assignment]
+    cfg = _cfg(num_samples=8, clients=1, local_epochs=2, task_options=(("recipe", "authors"),))
+    torch.manual_seed(0)
+    model = task.build_model("h3denet", cfg)
+    states = []
+
+    class _Keep:  # records the weights after every epoch
+        def on_train_start(self, m, info):
+            pass
+
+        def on_epoch_end(self, m, info, epoch, metrics):
+            states.append((metrics["val-loss"], {k: v.clone() for k, v in m.state_dict().items()}))
+
+        def on_train_end(self, m, info):
+            pass
+
+    res = task.train(model, cfg, 0, 1, torch.device("cpu"), callbacks=[_Keep()])  # type: ignore[list-item]
+    best = int(np.argmin([s[0] for s in states]))
+    assert res.metrics["best-epoch"] == best + 1 and res.metrics["val-loss"] == pytest.approx(states[best][0])
+    assert all(torch.equal(v, states[best][1][k]) for k, v in model.state_dict().items())

@@ -33,6 +33,10 @@ the released code (ECNUACRush/H3DE-Net), quirks included. Each item can also be 
   input, kept only to reproduce their numbers).
 * training zoom at native resolution: ``paper`` draws one factor in ``[zoom-min, min(zoom-max,
   fit)]`` for all axes; ``authors`` one per axis (their ``RandomCrop``).
+* ``early-stopping``: ``yes`` holds out ``val-fraction`` of each client's training cases and, within
+  every round, keeps and sends the best local epoch by validation loss (the authors: best
+  checkpoint over up to 200 epochs, patience 20; a federation has a fixed number of rounds);
+  ``lr-floor``: the authors stop the 0.98 decay once the rate is no longer above 3 % of the start.
 
 Errors are measured in mm with the spacing of the evaluated crop: the native spacing wherever the
 case was not zoomed, the resampled one otherwise. Metrics report both conventions: pooled
@@ -58,7 +62,9 @@ landmarks, and ``landmarks`` (how many were scored).
 
 from __future__ import annotations
 
+import copy
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +111,11 @@ class H3DENetOptions:
     * ``weight-decay``: Adam's weight decay (5e-4);
     * ``num-landmarks``: landmarks per case (14, as in the authors' dataset and the synthetic cohort);
     * ``recipe``: ``paper`` (default) or ``authors`` (see the module docstring);
-    * ``resolution``, ``head``, ``attention``, ``eval-centre``: one item each, ``auto`` = from the recipe.
+    * ``resolution``, ``head``, ``attention``, ``eval-centre``, ``early-stopping``: one item each,
+      ``auto`` = from the recipe;
+    * ``val-fraction``: share of a client's training cases held out for early stopping (0.2);
+    * ``lr-floor``: the decay stops once the learning rate is no longer above this share of the
+      start (the authors: 0.03; ``-1`` = from the recipe, ``paper``: 0 = never).
     """
 
     zoom_min: float = 0.6
@@ -119,8 +129,15 @@ class H3DENetOptions:
     head: str = "auto"
     attention: str = "auto"
     eval_centre: str = "auto"
+    early_stopping: str = "auto"
+    val_fraction: float = 0.2
+    lr_floor: float = -1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr_floor != -1.0 and not 0.0 <= self.lr_floor < 1.0:
+            raise ValueError(f"lr-floor must be in [0, 1) (a share of the start lr) or -1 (from the recipe), got {self.lr_floor}")
         for name, valid in _CHOICES.items():
             value = getattr(self, name)
             if value not in valid:
@@ -147,6 +164,8 @@ class H3DENetOptions:
             attention=pick(self.attention, "fedsim", "authors"),
             eval_centre=pick(self.eval_centre, "volume", "landmarks"),
             isotropic=not authors,
+            early_stopping=pick(self.early_stopping, "no", "yes") == "yes",
+            lr_floor=(AUTHORS_LR_FLOOR if authors else 0.0) if self.lr_floor == -1.0 else self.lr_floor,
         )
 
 
@@ -156,7 +175,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("auto", "fedsim", "authors"),
     "attention": ("auto", "fedsim", "authors"),
     "eval_centre": ("auto", "volume", "landmarks"),
+    "early_stopping": ("auto", "yes", "no"),
 }
+#: The release decays the learning rate only while it is above this share of the start
+#: (``main_yolol.py``: ``if lr > args.lr * 0.03: scheduler.step()``).
+AUTHORS_LR_FLOOR = 0.03
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,16 @@ class H3DEPlan:
     attention: str
     eval_centre: str
     isotropic: bool
+    early_stopping: bool = False
+    lr_floor: float = 0.0
+
+    def learning_rate(self, lr: float, decay: float, epoch: int) -> float:
+        """The learning rate of federation epoch ``epoch`` (0-based): ``lr * decay ** epoch``, held
+        once it is no longer above ``lr_floor * lr`` (the release's rule; ``lr_floor`` 0 = never)."""
+        if self.lr_floor <= 0 or decay >= 1:
+            return lr * decay**epoch
+        stop = math.ceil(math.log(self.lr_floor) / math.log(decay))  # first epoch with decay ** t <= floor
+        return lr * decay ** min(epoch, stop)
 
 
 def crop_shape(image_size: int) -> tuple[int, int, int]:
@@ -344,13 +377,22 @@ class H3DENetTask(CohortTask):
         return global_test, pool
 
     def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:
-        """``(train, test)``, stratified by "has a missing landmark"."""
-        if len(idx) < 2:
-            raise ConfigError(f"{who} gets only {len(idx)} cases; need at least 2 (use fewer clients or more samples)")
+        """``(train, test)``, stratified by "has a missing landmark"; with early stopping
+        ``(train, validation, test)``, the validation part ``val-fraction`` of the training cases."""
+        early = self.plan(cfg).early_stopping
+        need = 3 if early else 2
+        if len(idx) < need:
+            raise ConfigError(f"{who} gets only {len(idx)} cases; need at least {need} (use fewer clients or more samples)")
         train, test = stratified_split(idx, strata, cfg.local_test_fraction, cfg.seed)
         if len(train) < 1 or len(test) < 1:
             raise ConfigError(f"{who}'s {len(idx)} cases are too few for a train/test split; use more samples")
-        return train, test
+        if not early:
+            return train, test
+        opts: H3DENetOptions = self.options(cfg)
+        train, val = stratified_split(train, strata, opts.val_fraction, cfg.seed + 17)
+        if len(train) < 1 or len(val) < 1:
+            raise ConfigError(f"{who}'s {len(idx)} cases are too few for train/validation/test splits; use more samples")
+        return train, val, test
 
     def cases(self, cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -> tuple[CTCase, ...]:
         """The cases of cohort indices ``idx``: at the working size (1.25 x the crop), or for real
@@ -368,19 +410,26 @@ class H3DENetTask(CohortTask):
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None
     ) -> LocalTraining:
         """Adam (betas 0.9/0.98, weight decay) with the learning rate decayed per federation
-        epoch, random zoom-out crops, the model's own loss; training MRE and SDR at 4 mm."""
+        epoch (held at the recipe's floor), random zoom-out crops, the model's own loss; training
+        MRE and SDR at 4 mm. With early stopping the client keeps and sends its best local epoch
+        by validation loss (the release keeps its best checkpoint over all epochs)."""
         if not isinstance(model, LandmarkNet):
             raise TypeError(f"h3denet trains LandmarkNet models, got {type(model).__name__}")
         opts: H3DENetOptions = self.options(cfg)
-        _, (train_idx, _) = self.client_split(cfg, partition_id, data_dir)
+        plan = self.plan(cfg, data_dir)
+        _, parts = self.client_split(cfg, partition_id, data_dir)
+        train_idx = parts[0]
+        val_cases = self.cases(cfg, parts[1], data_dir) if len(parts) == 3 else ()
         cases = self.train_cases(cfg, partition_id, self.cases(cfg, train_idx, data_dir))
         seed = self.round_seed(cfg, server_round, partition_id)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         first_epoch = (max(server_round, 1) - 1) * cfg.local_epochs
 
+        best: list[tuple[float, int, dict[str, torch.Tensor]]] = []  # the best epoch so far, on validation loss
+
         def epoch(e: int, step: TrainStep) -> Metrics:
-            lr = cfg.lr * opts.lr_decay ** (first_epoch + e - 1)
+            lr = plan.learning_rate(cfg.lr, opts.lr_decay, first_epoch + e - 1)
             for g in step.optimizer.param_groups:
                 g["lr"] = lr
             order = rng.permutation(len(cases))
@@ -392,12 +441,25 @@ class H3DENetTask(CohortTask):
                 loss_sum += float(step(model.loss(out, lm))) * len(prepared)
                 errors.append(radial_errors(model.decode(out.detach()).cpu().numpy(), lm.cpu().numpy(), spacing))
             m = landmark_metrics(np.concatenate(errors))
-            return {"loss": loss_sum / len(cases), "mre": m["mre"], "sdr-4mm": m["sdr-4mm"], "lr": lr}
+            metrics = {"loss": loss_sum / len(cases), "mre": m["mre"], "sdr-4mm": m["sdr-4mm"], "lr": lr}
+            if val_cases:
+                val_loss = self._evaluate(model, val_cases, cfg, device, data_dir)["loss"]
+                model.train()
+                metrics["val-loss"] = val_loss
+                if not best or val_loss < best[0][0]:
+                    best[:] = [(val_loss, e, copy.deepcopy(model.state_dict()))]
+            return metrics
+
+        def finish(history: list[Metrics]) -> Metrics:
+            if not best:
+                return dict(history[-1])
+            model.load_state_dict(best[0][2])
+            return {**history[best[0][1] - 1], "best-epoch": float(best[0][1])}
 
         def optimizer(params: Any) -> torch.optim.Optimizer:
             return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=opts.weight_decay)
 
-        return LocalTraining(len(cases), optimizer, epoch)
+        return LocalTraining(len(cases), optimizer, epoch, finish)
 
     def train_cases(self, cfg: ResolvedConfig, partition_id: int, cases: tuple[CTCase, ...]) -> tuple[CTCase, ...]:
         """The training cases as the client sees them: with a ``label-noise`` fault (landmarks are
@@ -439,7 +501,7 @@ class H3DENetTask(CohortTask):
     def evaluate_local(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, device: torch.device, data_dir: str | None = None
     ) -> LocalResult:
-        _, (_, test_idx) = self.client_split(cfg, partition_id, data_dir)
+        test_idx = self.client_split(cfg, partition_id, data_dir)[1][-1]
         return LocalResult(len(test_idx), self._evaluate(model, self.cases(cfg, test_idx, data_dir), cfg, device, data_dir))
 
     def evaluate_global(self, model: nn.Module, cfg: ResolvedConfig, device: torch.device) -> LocalResult:

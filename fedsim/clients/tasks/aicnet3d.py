@@ -18,8 +18,9 @@ Training recipe (paper section 3.4):
   last ``k`` rounds run stage 2 (they start from the global model of the stage-1 rounds);
   ``k = 0`` (default) is stage 1 only;
 * NAdam at the profile's ``lr`` (1e-4 in the paper profile), batch 4 in the paper profile;
-* augmentation (seeded): brightness / contrast / gamma jitter, zoom 1-1.25 then crop, lateral
-  flip, superior/inferior flip, each with p = 0.5;
+* augmentation (seeded; fedsim's own scheme, ``augmentation=authors`` for the release's):
+  brightness / contrast / gamma jitter, zoom 1-1.25 then crop, lateral flip, superior/inferior
+  flip, each with p = 0.5;
 * classes balanced by subsampling the majority class (a new subsample every round, so over the
   rounds all volumes are used), with BCE class weights from the remaining counts;
 * early stopping on validation loss: the paper stops stage-level training when the validation
@@ -104,7 +105,10 @@ class AICNet3DOptions:
     * ``early-stopping``: keep the best local epoch on the client's validation split;
     * ``val-fraction``: share of each client's training data held out for that;
     * ``balance``: subsample the majority class each round;
-    * ``augment``: the paper's augmentation.
+    * ``augment``: augment the training volumes, with the ``augmentation`` item's scheme (fedsim's
+      own, each step with p = 0.5, or the release's);
+    * ``recipe``: ``paper`` (default) or ``authors``; ``pooling``, ``gradcam``, ``augmentation``,
+      ``input``, ``balanced-cohort``: one item each, ``auto`` = from the recipe (module docstring).
     """
 
     finetune_rounds: int = 0

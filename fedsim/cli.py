@@ -14,9 +14,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsim.analysis.cme import NULL_COVERAGE, NULL_SAMPLES, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
 from fedsim.config import OPTION_FIELDS, SCENARIOS, RunConfig
+
+if TYPE_CHECKING:
+    from fedsim.analysis.report import AnalysisResult, AnalysisSettings
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -307,7 +311,7 @@ def _interrupted_message(out: Path, signame: str) -> str:
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from fedsim._logging import enable_console_logging
-    from fedsim.analysis.report import AnalysisSettings, analyze_run
+    from fedsim.analysis.report import AnalysisSettings
 
     enable_console_logging()
     try:
@@ -316,7 +320,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         from fedsim.config import ConfigError
 
         raise ConfigError(str(exc)) from None
-    res = analyze_run(args.run_dir, args.out, settings)
+    res = _analyze_atomically(Path(args.run_dir), Path(args.out) if args.out else None, settings)
     metric = res.summary["primary_metric"]
     print(f"\nfedsim: analysis of {res.summary['run_dir']} written to {res.out_dir}")
     if not res.has_cme:
@@ -333,6 +337,37 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     print(f"  report: {res.out_dir / 'report.md'}")
 
 
+def _analyze_atomically(run_dir: Path, out: Path | None, settings: AnalysisSettings) -> AnalysisResult:
+    """``analyze_run`` into a temporary sibling folder, then swapped into place: the analysis
+    folder holds a whole analysis or the previous one, never a partial one."""
+    import os
+    import shutil
+    import tempfile
+
+    from fedsim.analysis.report import ANALYSIS_DIR, analyze_run
+    from fedsim.rundir import RunDir
+
+    rd = RunDir(run_dir).open_existing()
+    final = (out or rd.path / ANALYSIS_DIR).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        res = analyze_run(rd.path, tmp, settings)
+        old = tmp.with_suffix(".old") if final.exists() else None
+        if old is not None:
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dataclasses.replace(res, out_dir=final, figures=[final / f.relative_to(tmp) for f in res.figures])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # --help ends here, before anything heavy is imported
@@ -340,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsim.config import ConfigError
     from fedsim.data.folder import DataLayoutError
     from fedsim.registry import UnknownNameError
-    from fedsim.rundir import RunDirExistsError, RunDirUnwritableError
+    from fedsim.rundir import CorruptRunError, RunDirExistsError, RunDirUnwritableError
     from fedsim.server.checkpoint import CheckpointError
 
     try:
@@ -354,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args, argv)
     except (
         ConfigError, UnknownNameError, DataLayoutError, RunDirExistsError, RunDirUnwritableError, FileNotFoundError, CheckpointError,
+        CorruptRunError,
     ) as exc:  # fmt: skip
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fedsim._logging import logger
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "global_params.safetensors"
@@ -45,6 +47,10 @@ def default_out_dir(task: str, scenario: int, profile: str) -> Path:
 
 class RunDirExistsError(FileExistsError):
     """The output folder already holds a fedsim run."""
+
+
+class CorruptRunError(ValueError):
+    """A run file exists but cannot be read as fedsim wrote it (names the file and the place)."""
 
 
 class RunDirUnwritableError(OSError):
@@ -122,7 +128,10 @@ class RunDir:
         path = self.path / CONFIG_FILE
         if not path.exists():
             raise FileNotFoundError(f"{self.path} is not a fedsim run directory ({CONFIG_FILE} is missing)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as exc:
+            raise CorruptRunError(f"{path} is not a fedsim config ({exc}); the file is damaged") from None
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one round; NaN/inf (an undefined metric, e.g. sensitivity without positives)
@@ -133,16 +142,28 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every complete line of ``metrics.jsonl`` (a torn last line is ignored)."""
+        """Every round of ``metrics.jsonl``. A torn last line (a kill mid-write: no final newline)
+        is left out with a warning; any other line that is not a JSON object is an error
+        (:class:`CorruptRunError` naming the line), never silently skipped."""
         out: list[dict[str, Any]] = []
         path = self.path / METRICS_FILE
         if not path.exists():
             return out
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for number, line in enumerate(lines, 1):
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    logger.warning("%s: the last line is incomplete (the run was killed while writing it); it is left out", path)
+                    break
+                raise CorruptRunError(
+                    f"{path} line {number} is not a metrics record ({exc}); the file is damaged: restore it or remove that line"
+                ) from None
+            out.append(row)
         return out
 
     def truncate_metrics(self, last_round: int) -> int:

@@ -136,3 +136,29 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path, capsys):
 def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
     line = _fails(["run", "--resume", str(tmp_path / "nothing")], capsys)
     assert "is not a fedsim run directory (config.json is missing)" in line
+
+
+def test_analyze_writes_all_or_nothing(tmp_path, capsys, monkeypatch, task_identity):
+    from fedsim.clients.app import app
+    from fedsim.clients.tasks import resolve_config
+    from fedsim.config import RunConfig
+    from fedsim.server.app import run_server
+    from fedsim.server.inprocess import InProcessGrid
+
+    cfg = resolve_config(RunConfig(profile="tiny", rounds=1, models=("small_cnn",) * 3, out=str(tmp_path / "run")))
+    run_server(InProcessGrid(app, 3, num_threads=1), cfg)
+    assert main(["analyze", cfg.out]) == 0
+    report = (tmp_path / "run" / "analysis" / "report.md").read_text()
+    assert "curves.png" in report and f"written to {tmp_path / 'run' / 'analysis'}" in capsys.readouterr().out
+
+    import fedsim.analysis.report as report_module
+
+    def half_done(run_dir, out, settings=None):
+        (Path(out) / "curves.png").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_module, "analyze_run", half_done)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["analyze", cfg.out])
+    assert (tmp_path / "run" / "analysis" / "report.md").read_text() == report  # the previous analysis is intact
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no temp folder left

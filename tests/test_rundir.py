@@ -55,3 +55,43 @@ def test_undefined_metrics_are_written_as_null(tmp_path):
     line = (rd.path / "metrics.jsonl").read_text()
     assert "NaN" not in line and "Infinity" not in line
     assert rd.read_metrics() == [{"round": 1, "clients": [{"client": 0, "test_sensitivity": None}], "global": {"auc": None}}]
+
+
+def test_a_damaged_line_that_is_not_the_last_is_an_error(tmp_path):
+    from fedsim.rundir import CorruptRunError
+
+    rd = RunDir(tmp_path / "r").create()
+    (rd.path / METRICS_FILE).write_text('{"round": 1, "cl\n{"round": 2}\n')
+    with pytest.raises(CorruptRunError, match=r"metrics\.jsonl line 1 is not a metrics record .*restore it or remove that line"):
+        rd.read_metrics()
+    (rd.path / METRICS_FILE).write_text('{"round": 1}\n[1, 2]\n')
+    with pytest.raises(CorruptRunError, match=r"line 2 is not a metrics record \(expected a JSON object, got list\)"):
+        rd.read_metrics()
+    (rd.path / "config.json").write_text('{"task": "brain')
+    with pytest.raises(CorruptRunError, match=r"config\.json is not a fedsim config"):
+        rd.read_config()
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        import fedsim.rundir
+
+        fedsim.rundir._umask.cache_clear()
+        atomic_write_bytes(tmp_path / "a", b"x")
+        assert (tmp_path / "a").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+        fedsim.rundir._umask.cache_clear()
+    atomic_write_bytes(tmp_path / "b", b"x")
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_out_folder_checks(tmp_path):
+    from fedsim.rundir import RunDirUnwritableError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunDirUnwritableError, match=r"f is a file, not a folder"):
+        RunDir(tmp_path / "f" / "a" / "b").check_writable()
+    assert RunDir(tmp_path / "new" / "deep").check_writable().path == (tmp_path / "new" / "deep").resolve()
+    assert not (tmp_path / "new").exists()  # the check creates nothing

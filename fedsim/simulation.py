@@ -2,13 +2,18 @@
 
 SIGINT (Ctrl-C) and SIGTERM stop a run cleanly: the first signal sets a stop request that the
 server's grid checks while it waits for replies (every 0.2 s), so the ServerApp ends with
-:class:`~fedsim.server.app.RunInterrupted` after the clients' current call; Flower then stops its
-workers and shuts Ray down, and the exception reaches the caller (the CLI prints how to resume
-and exits with 128 + the signal number). A second signal raises :class:`KeyboardInterrupt` at once.
+:class:`~fedsim.server.app.RunInterrupted`; Flower then stops its workers and shuts Ray down, and
+the exception reaches the caller (the CLI prints how to resume and exits with 128 + the signal
+number). Flower's workers wait for the client call in progress; if one is still running
+:data:`STOP_GRACE` seconds after the signal (a long local training, a hung client), this run's
+client actor processes are killed (their results are not needed: the round is lost anyway). A
+second signal raises :class:`KeyboardInterrupt` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
@@ -37,24 +42,71 @@ def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValue
     }
 
 
+#: Seconds after a stop signal before client calls still running are ended by killing their actors.
+STOP_GRACE = 3.0
+
+
+def _client_actor_pids(root: int) -> list[int]:
+    """Descendants of process ``root`` that are Ray client actors (``ray::ClientAppActor``), from /proc."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                names[int(entry.name)] = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        if names.get(pid, "").startswith("ray::ClientAppActor"):
+            found.append(pid)
+    return found
+
+
+def _end_running_client_calls(done: threading.Event) -> None:
+    """After :data:`STOP_GRACE` s, if the run has not ended, kill this run's client actors so
+    Flower's workers stop waiting for them (Flower's error logs about them are muted)."""
+    if done.wait(STOP_GRACE) or not os.path.isdir("/proc"):
+        return
+    pids = _client_actor_pids(os.getpid())
+    if pids:
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        logger.warning("ending %d client call(s) still running", len(pids))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @contextmanager
 def stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While the block runs, SIGINT / SIGTERM set ``stop`` (a second one raises KeyboardInterrupt).
-    Outside the main thread (where Python allows no handlers) the block runs unchanged."""
+    """While the block runs, SIGINT / SIGTERM set ``stop`` (a second one raises KeyboardInterrupt)
+    and, after :data:`STOP_GRACE` s, end client calls still running. Outside the main thread
+    (where Python allows no handlers) the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    done = threading.Event()
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.request(signum)
-        logger.warning("%s received: stopping after the clients' current step (again to stop at once)", signal.Signals(signum).name)
+        logger.warning("%s received: stopping (again to stop at once)", signal.Signals(signum).name)
+        threading.Thread(target=_end_running_client_calls, args=(done,), daemon=True).start()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        done.set()
         for s, h in previous.items():
             signal.signal(s, h)
 

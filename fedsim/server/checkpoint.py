@@ -198,7 +198,7 @@ def load_checkpoint(run_dir: RunDir) -> Checkpoint:
 
     path = run_dir.path / CHECKPOINT_FILE
     if not path.exists():
-        raise CheckpointError(f"{run_dir.path} has no checkpoint ({CHECKPOINT_FILE}); it cannot be resumed (was --checkpoint-every 0?)")
+        raise CheckpointError(_no_checkpoint(run_dir))
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["fedsim"])
@@ -330,12 +330,19 @@ def checkpoint_round(run_dir: RunDir) -> int | None:
         return None
 
 
+def _no_checkpoint(run_dir: RunDir) -> str:
+    return (
+        f"{run_dir.path} has no checkpoint ({CHECKPOINT_FILE}): the run stopped before its first checkpoint round or ran with "
+        "--checkpoint-every 0, so it cannot be resumed; start it again with another --out"
+    )
+
+
 def check_resumable(run_dir: RunDir, rounds: int) -> int:
     """The round of the run's checkpoint, if the run can continue from it (cheap: header only);
     :class:`CheckpointError` naming the cause otherwise."""
     path = run_dir.path / CHECKPOINT_FILE
     if not path.exists():
-        raise CheckpointError(f"{run_dir.path} has no checkpoint ({CHECKPOINT_FILE}); it cannot be resumed (was --checkpoint-every 0?)")
+        raise CheckpointError(_no_checkpoint(run_dir))
     saved = checkpoint_round(run_dir)
     if saved is None:
         raise CheckpointError(f"cannot read the checkpoint {path}; it cannot be resumed")

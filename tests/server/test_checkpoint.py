@@ -108,7 +108,7 @@ def test_resume_without_checkpoint_names_the_cause(tmp_path):
     cfg = resolve_config(RunConfig(profile="tiny", rounds=1, models=("small_cnn",) * 3, checkpoint_every=0, out=str(tmp_path / "r")))
     run_server(_grid(cfg), cfg)
     assert not (tmp_path / "r" / CHECKPOINT_FILE).exists()
-    with pytest.raises(CheckpointError, match=r"has no checkpoint .*--checkpoint-every 0"):
+    with pytest.raises(CheckpointError, match=r"has no checkpoint .*--checkpoint-every 0, so it cannot be resumed"):
         run_server(_grid(cfg), cfg, resume=True)
 
 

@@ -12,6 +12,7 @@ aggregated (same-model scenarios) it is also evaluated on the held-out global te
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import signal
@@ -41,6 +42,7 @@ from fedsim.server.checkpoint import (
     Checkpointer,
     ClientStateExchange,
     check_resumable,
+    is_checkpoint_round,
     load_checkpoint,
     load_strategy_state,
     log_resume,
@@ -330,17 +332,6 @@ def nonfinite_tensor(msg: Message) -> str | None:
     return None
 
 
-def check_finite(replies: Sequence[Message]) -> None:
-    """Refuse replies carrying non-finite parameters (:class:`NonFiniteUpdateError`, naming the
-    clients and a tensor each), so one diverged hospital cannot turn the average into NaN."""
-    bad = [f"client {_partition_of(m)[1]} ({name})" for m in replies if (name := nonfinite_tensor(m)) is not None]
-    if bad:
-        raise NonFiniteUpdateError(
-            f"non-finite parameters from {', '.join(bad)}; stopped before aggregating them "
-            "(the rounds so far are kept; a lower learning rate usually helps)"
-        )
-
-
 def _partition_of(msg: Message) -> tuple[int, int]:
     if msg.has_error():
         return (1, 0)
@@ -400,10 +391,9 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
-    checkpointer = Checkpointer(run_dir, cfg, strategy)
-    exchange = ClientStateExchange(checkpointer.wanted, ordered.partition_of, ckpt.clients if ckpt else None)
-    checkpointer.exchange = exchange
+    exchange = ClientStateExchange(functools.partial(is_checkpoint_round, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
     ordered.hooks.append(exchange)
+    checkpointer = Checkpointer(run_dir, cfg, strategy, exchange.states)
     if ckpt is not None:
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.arrays.items()})
         load_strategy_state(strategy, ckpt.strategy_arrays, ckpt.strategy_meta)

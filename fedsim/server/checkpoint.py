@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,9 @@ class ClientStateExchange:
     ``partition_of`` maps a node id to its partition (learned when the run starts).
     """
 
-    def __init__(self, wanted: Any, partition_of: Mapping[int, int], restore: Mapping[int, Mapping[str, np.ndarray]] | None = None) -> None:
+    def __init__(
+        self, wanted: Callable[[int], bool], partition_of: Mapping[int, int], restore: Mapping[int, Mapping[str, np.ndarray]] | None = None
+    ) -> None:
         self._wanted = wanted
         self._partition_of = partition_of
         self.states: dict[int, dict[str, np.ndarray]] = {pid: dict(s) for pid, s in (restore or {}).items()}
@@ -284,37 +286,40 @@ def log_resume(ckpt: Checkpoint, total: int) -> None:
     logger.info("resuming after round %d of %d from the checkpoint (%d clients' private state)", ckpt.round, total, len(ckpt.clients))
 
 
+def is_checkpoint_round(cfg: Any, server_round: int) -> bool:
+    """Whether round ``server_round`` of a run with config ``cfg`` ends with a checkpoint: every
+    ``checkpoint_every`` rounds and the last one (never with ``checkpoint_every = 0``)."""
+    every = int(cfg.checkpoint_every)
+    return every > 0 and server_round > 0 and (server_round % every == 0 or server_round == int(cfg.rounds))
+
+
 class Checkpointer:
-    """Round-end hook writing the checkpoint every ``checkpoint_every`` rounds and after the last."""
+    """Round-end hook writing the checkpoint in checkpoint rounds (:func:`is_checkpoint_round`).
 
-    def __init__(self, run_dir: RunDir, cfg: Any, strategy: Strategy, exchange: ClientStateExchange | None = None) -> None:
+    ``client_states`` is the (live) mapping partition -> private tensors that
+    :class:`ClientStateExchange` keeps up to date."""
+
+    def __init__(self, run_dir: RunDir, cfg: Any, strategy: Strategy, client_states: Mapping[int, dict[str, np.ndarray]]) -> None:
         self.run_dir = run_dir
-        self.every = int(cfg.checkpoint_every)
-        self.rounds = int(cfg.rounds)
+        self.cfg = cfg
         self.strategy = strategy
-        self.exchange = exchange
-        self.last_round: int | None = None
-
-    def wanted(self, server_round: int) -> bool:
-        """Whether round ``server_round`` ends with a checkpoint."""
-        return self.every > 0 and server_round > 0 and (server_round % self.every == 0 or server_round == self.rounds)
+        self.client_states = client_states
 
     def on_round_end(self, server_round: int, arrays: ArrayRecord) -> None:
-        if not self.wanted(server_round):
+        if not is_checkpoint_round(self.cfg, server_round):
             return
         s_arrays, s_meta = strategy_state(self.strategy)
         r_meta, r_arrays = rng_state()
         ckpt = Checkpoint(
             round=server_round,
             arrays={k: np.asarray(v.numpy()) for k, v in arrays.items()},
-            clients=dict(self.exchange.states) if self.exchange is not None else {},
+            clients=dict(self.client_states),
             strategy_arrays=s_arrays,
             strategy_meta=s_meta,
             rng=r_meta,
             rng_arrays=r_arrays,
         )
         path = save_checkpoint(self.run_dir, ckpt)
-        self.last_round = server_round
         logger.info("round %d checkpoint: %s", server_round, path)
 
 

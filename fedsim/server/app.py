@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
@@ -33,6 +33,7 @@ from flwr.supercore.run import Run
 from fedsim._logging import enable_console_logging, logger
 from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.cme import CMEArchiveWriter
+from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import matching_layers, recorded_parameters
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
@@ -52,6 +53,9 @@ from fedsim.server.checkpoint import (
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import RoundRecorder, scalar
 from fedsim.strategies import StrategyHooks, build_strategy
+
+#: Largest CME record (bytes) the server accepts from one client and round.
+MAX_CME_PAYLOAD = 256_000_000
 
 
 class NodeTimeoutError(TimeoutError):
@@ -232,7 +236,7 @@ class OrderedGrid(Grid):
         replies = sorted(self._exchange(messages, timeout), key=self._sort_key)
         for hook in self.hooks:
             hook.incoming(replies)
-        good, failures = self._apply_policy(replies)
+        good, failures = self._apply_policy(replies, _round_of(messages))
         missing = sorted(sent - {m.metadata.src_node_id for m in replies})
         phase = messages[0].metadata.message_type if messages else ""
         if missing:
@@ -242,7 +246,7 @@ class OrderedGrid(Grid):
             if self._min_replies:
                 failures += gone
             else:
-                logger.warning("no reply from %s; going on without them", ", ".join(str(f).split(":")[0] for f in gone))
+                logger.info("no reply from %s; going on without them", ", ".join(str(f).split(":")[0] for f in gone))
         if failures:
             total = len(sent | {m.metadata.src_node_id for m in replies})
             self._fail_or_tolerate(failures, len(good), total, _round_of(messages))
@@ -279,8 +283,28 @@ class OrderedGrid(Grid):
     def _client(self, msg: Message) -> int | None:
         return self.partition_of.get(msg.metadata.src_node_id)
 
-    def _apply_policy(self, replies: list[Message]) -> tuple[list[Message], list[ClientFailure]]:
-        """Split replies into usable ones and failures (error, wrong partition id, non-finite)."""
+    def _identity_problem(self, msg: Message, server_round: int) -> str | None:
+        """Why a reply cannot be trusted, if it cannot: a ``partition-id`` (in any record) that is
+        not its node's, a CME record of another round, or one larger than :data:`MAX_CME_PAYLOAD`."""
+        node = msg.metadata.src_node_id
+        own = self.partition_of.get(node)
+        records: list[MetricRecord | ConfigRecord] = [*msg.content.metric_records.values(), *msg.content.config_records.values()]
+        for record in records:
+            claimed = record.get("partition-id")
+            if own is not None and claimed is not None and claimed != own:
+                return f"replied as partition {claimed!r}, but node {node} is client {own}"
+        cme = msg.content.config_records.get(CME_RECORD_KEY)
+        if cme is not None:
+            payload = cme.get("payload")
+            size = len(payload) if isinstance(payload, bytes) else 0
+            if size > MAX_CME_PAYLOAD:
+                return f"its CME record has {size:,} bytes, more than the {MAX_CME_PAYLOAD:,} fedsim accepts"
+            if server_round and cme.get("server-round") != server_round:
+                return f"its CME record is of round {cme.get('server-round')!r}, not {server_round}"
+        return None
+
+    def _apply_policy(self, replies: list[Message], server_round: int = 0) -> tuple[list[Message], list[ClientFailure]]:
+        """Split replies into usable ones and failures (error, wrong identity, non-finite)."""
         good: list[Message] = []
         failures: list[ClientFailure] = []
         for m in replies:
@@ -289,10 +313,9 @@ class OrderedGrid(Grid):
                 failures.append(ClientFailure(self._client(m), node, phase, one_line_reason(m.error.reason or "")))
                 continue
             claimed = _partition_of(m)[1]
-            if self.partition_of and self.partition_of.get(node) != claimed and m.content.metric_records:
-                failures.append(
-                    ClientFailure(self._client(m), node, phase, f"replied as partition {claimed}, but node {node} is not that client")
-                )
+            problem = self._identity_problem(m, server_round)
+            if problem is not None:
+                failures.append(ClientFailure(self._client(m), node, phase, problem))
                 continue
             bad = nonfinite_tensor(m)
             if bad is not None:

@@ -86,3 +86,39 @@ def test_one_line_reason_keeps_the_innermost_error_without_colours():
     assert one_line_reason(RAY_REASON) == "ValueError: cannot read image /data/b.jpg"
     assert one_line_reason("plain words") == "plain words"
     assert len(one_line_reason("x" * 1000)) == 300
+
+
+class _Grid:
+    def __init__(self, replies):
+        self.replies = replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(self.replies)
+
+
+def _exchange(node: int, pid: int, cme_round: int | None = None, payload: bytes = b"x"):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    ask = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), node, "train")
+    content = RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-examples": 1})})
+    if cme_round is not None:
+        content["cme"] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": cme_round})
+    return ask, Message(content, reply_to=ask)
+
+
+def test_replies_are_checked_against_the_node_they_came_from(monkeypatch):
+    import fedsim.server.app as server_app
+    from fedsim.server.app import OrderedGrid
+
+    monkeypatch.setattr(server_app, "MAX_CME_PAYLOAD", 10)
+    pairs = [_exchange(11, 0), _exchange(12, 0), _exchange(13, 2, cme_round=2), _exchange(14, 3, cme_round=3, payload=b"y" * 11)]
+    seen: list = []
+    grid = OrderedGrid(_Grid([r for _, r in pairs]), min_replies=1, on_failures=seen.extend)
+    grid.partition_of = {11: 0, 12: 1, 13: 2, 14: 3}
+    good = grid.send_and_receive([a for a, _ in pairs])
+    assert [m.metadata.src_node_id for m in good] == [11]
+    assert [str(f) for f in seen] == [
+        "client 1: replied as partition 0, but node 12 is client 1",
+        "client 2: its CME record is of round 2, not 3",
+        "client 3: its CME record has 11 bytes, more than the 10 fedsim accepts",
+    ]

@@ -12,8 +12,10 @@ Every strategy trains and evaluates all clients every round (:class:`StrategyHoo
 * ``fedavgm``: server momentum (Hsu et al. 2019, arXiv:1909.06335); ``server-lr`` (1.0),
   ``momentum`` (0.9, the paper's value; Flower's default 0 would be plain FedAvg);
 * ``qfedavg``: q-fair FedAvg (Li et al., ICLR 2020, arXiv:1905.10497); ``q`` (0.1),
-  ``client-lr`` (its Lipschitz estimate is ``1/client-lr``; 0 = the run's ``lr``); it reads
-  each client's ``train-loss``.
+  ``client-lr`` (its Lipschitz estimate is ``1/client-lr``; 0 = the run's ``lr``); it weighs by
+  each client's reported ``train-loss``, the mean loss of its local training (the paper uses the
+  loss of the received model before training; fedsim's clients do not report that), and its
+  Lipschitz estimate assumes SGD while fedsim's clients use Adam.
 
 ``weighting`` (``examples``, the default, or ``equal``) chooses the client weights of the
 average: ``num-examples`` as in Flower, or every hospital the same, as fedsim's ``equal_avg``

@@ -22,6 +22,10 @@ Server-side clipping means the server sees the raw updates (trusted server, as i
 The noise comes from a generator seeded with the run's seed (numpy's global state is swapped in
 and out around the aggregation), so a DP run is reproducible like any other.
 
+If the server averages fewer clients than it has (``--min-clients``: failed clients are left
+out), that round's noise is too small for its sensitivity; the round is accounted with the smaller
+multiplier (``z m / n``) and a warning is logged.
+
 Options: ``noise`` (``z``, > 0), ``clip`` (``C``; dp_adaptive: the initial ``C``), ``delta``;
 dp_adaptive also ``quantile`` (0.5), ``clip-lr`` (0.2), ``count-stddev`` (noise of the clipped
 count; 0 = ``max(clients / 20, noise)``: Andrew et al.'s ``clients / 20`` alone is too small for a
@@ -55,6 +59,7 @@ class _Accounted(Strategy):
     """Mixin for Flower's DP wrappers: seeded noise and an epsilon after every released aggregate."""
 
     privacy_accountant: GaussianRDPAccountant
+    num_sampled_clients: int
     _rng_state: Any
 
     def _init_accounting(self, noise_multiplier: float, delta: float, seed: int) -> None:
@@ -71,11 +76,24 @@ class _Accounted(Strategy):
             self._rng_state = np.random.get_state()  # noqa: NPY002
             np.random.set_state(outside)  # noqa: NPY002
 
+    def round_noise(self, replied: int) -> float:
+        """The noise multiplier of a round in which ``replied`` clients were averaged."""
+        raise NotImplementedError
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         with self._seeded_numpy():
             arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[safe-super]
         if arrays is not None:
-            self.privacy_accountant.compose()
+            replied = sum(not m.has_error() for m in replies)
+            full = replied >= self.num_sampled_clients
+            z = self.privacy_accountant.noise_multiplier if full else self.round_noise(replied)
+            if z < self.privacy_accountant.noise_multiplier:
+                logger.warning(
+                    "round %d: %d clients averaged but the noise is calibrated for more; this round's noise multiplier is %.3g",
+                    server_round, replied, z,
+                )  # fmt: skip
+            self.privacy_accountant.compose(noise_multiplier=z)
             report = self.privacy_accountant.report()
             logger.info("round %d %s", server_round, report.line())
             if metrics is not None:
@@ -95,6 +113,10 @@ class AccountedFixedClipping(_Accounted, DifferentialPrivacyServerSideFixedClipp
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self._init_accounting(noise_multiplier, delta, seed)
 
+    def round_noise(self, replied: int) -> float:
+        """``z m / n``: the mean of ``m`` clipped updates moves by ``C / m``, the noise is ``z C / n``."""
+        return self.noise_multiplier * min(replied, self.num_sampled_clients) / self.num_sampled_clients
+
 
 class AccountedAdaptiveClipping(_Accounted, DifferentialPrivacyServerSideAdaptiveClipping):
     """Flower's server-side adaptive clipping with seeded noise and fedsim's epsilon accounting (with the
@@ -105,6 +127,16 @@ class AccountedAdaptiveClipping(_Accounted, DifferentialPrivacyServerSideAdaptiv
     ) -> None:
         super().__init__(strategy, noise_multiplier, num_sampled_clients, **kwargs)
         self._init_accounting(noise_multiplier, delta, seed)
+
+    def round_noise(self, replied: int) -> float:
+        """The update's multiplier (Flower's ``noise_multiplier``, scaled by ``m / n``) combined with
+        the clipped count's (``2 clipped_count_stddev``): ``(z_u^-2 + z_b^-2)^(-1/2)``; the user's
+        ``z`` when every client replied."""
+        z_update = self.noise_multiplier * min(replied, self.num_sampled_clients) / self.num_sampled_clients
+        z_count = 2 * self.clipped_count_stddev
+        if z_update <= 0 or z_count <= 0:
+            return 0.0
+        return float((z_update**-2 + z_count**-2) ** -0.5)
 
 
 def privacy_spent(strategy: Strategy) -> PrivacyReport | None:

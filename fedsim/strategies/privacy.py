@@ -92,10 +92,12 @@ class PrivacyReport:
     optimal_order: float
     epsilon_exact: float
     method: str = "rdp"
+    reduced_rounds: int = 0
 
     def line(self) -> str:
+        fewer = f", {self.reduced_rounds} of them with fewer clients (less effective noise)" if self.reduced_rounds else ""
         return (
-            f"privacy spent: epsilon {self.epsilon:.4g} at delta {self.delta:g} after {self.rounds} rounds "
+            f"privacy spent: epsilon {self.epsilon:.4g} at delta {self.delta:g} after {self.rounds} rounds{fewer} "
             f"(RDP accountant, Gaussian mechanism, noise multiplier {self.noise_multiplier:g}, full participation, "
             f"no sampling amplification; exact epsilon {self.epsilon_exact:.4g})"
         )
@@ -104,11 +106,19 @@ class PrivacyReport:
         return {
             "epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds, "noise_multiplier": self.noise_multiplier,
             "optimal_order": self.optimal_order, "epsilon_exact": self.epsilon_exact, "method": self.method,
+            "reduced_rounds": self.reduced_rounds,
         }  # fmt: skip
 
 
 class GaussianRDPAccountant:
-    """Counts Gaussian-mechanism releases with one noise multiplier and reports (epsilon, delta)."""
+    """Counts Gaussian-mechanism releases and reports (epsilon, delta).
+
+    Releases normally have the configured ``noise_multiplier``; :meth:`compose` takes a smaller
+    one for a round whose aggregate had fewer clients than the noise was calibrated for (the mean of
+    ``m < n`` clipped updates moves by up to ``C / m`` while the noise is ``z C / n``: multiplier
+    ``z m / n``). Releases with multipliers ``z_i`` compose to RDP ``alpha / 2 * sum 1 / z_i^2``,
+    i.e. one Gaussian mechanism with ``z = (sum 1 / z_i^2)^(-1/2)``, which is how both the RDP and
+    the exact epsilon are computed."""
 
     def __init__(self, noise_multiplier: float, delta: float) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
@@ -118,17 +128,25 @@ class GaussianRDPAccountant:
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.rounds = 0
+        self.reduced_rounds = 0
+        self.inverse_variance = 0.0  # sum over releases of 1 / z_i^2
 
-    def compose(self, count: int = 1) -> None:
+    def compose(self, count: int = 1, noise_multiplier: float | None = None) -> None:
+        """Add ``count`` releases with ``noise_multiplier`` (default: the configured one)."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        if not (math.isfinite(z) and z >= 0):
+            raise ValueError(f"noise multiplier must be a number >= 0, got {z}")
         self.rounds += count
+        self.reduced_rounds += count if z < self.noise_multiplier else 0
+        self.inverse_variance += count * (math.inf if z == 0 else 1.0 / z**2)
 
     def report(self, delta: float | None = None) -> PrivacyReport:
         d = self.delta if delta is None else delta
         if self.rounds == 0:
             return PrivacyReport(0.0, d, 0, self.noise_multiplier, math.nan, 0.0)
-        eps, order = rdp_to_epsilon(rdp_gaussian(self.noise_multiplier, self.rounds), d)
-        return PrivacyReport(
-            eps, d, self.rounds, self.noise_multiplier, order, gaussian_epsilon_exact(self.noise_multiplier, self.rounds, d)
-        )
+        z_total = 0.0 if math.isinf(self.inverse_variance) else 1.0 / math.sqrt(self.inverse_variance)
+        eps, order = rdp_to_epsilon(rdp_gaussian(z_total, 1), d)
+        exact = gaussian_epsilon_exact(z_total, 1, d)
+        return PrivacyReport(eps, d, self.rounds, self.noise_multiplier, order, exact, reduced_rounds=self.reduced_rounds)

@@ -66,3 +66,16 @@ def test_dp_runs_report_epsilon(name, tmp_path):
     expect.compose(2)
     assert result.train_metrics_clientapp[2]["dp-epsilon"] == pytest.approx(expect.report().epsilon)
     assert result.train_metrics_clientapp[1]["dp-epsilon"] < result.train_metrics_clientapp[2]["dp-epsilon"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_with_fewer_clients_is_accounted_with_less_noise():
+    s = build_strategy(RunConfig(strategy="dp_fixed", strategy_options=(("noise", "1.5"),)), StrategyHooks(3))
+    list(s.configure_train(1, ArrayRecord({"w": Array(CURRENT.copy())}), ConfigRecord(), FakeGrid(3)))
+    s.aggregate_train(1, [reply({"w": CURRENT + UPDATES[k]}, 10, k) for k in range(2)])  # one client failed
+    # the mean of 2 clipped updates moves by C/2 while the noise is 1.5 C/3: multiplier 1.5 * 2/3 = 1
+    expect = GaussianRDPAccountant(1.0, 1e-5)
+    expect.compose()
+    report = privacy_spent(s)
+    assert report is not None and report.reduced_rounds == 1
+    assert report.epsilon == pytest.approx(expect.report().epsilon, rel=1e-9)

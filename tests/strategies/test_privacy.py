@@ -68,3 +68,16 @@ def test_edge_cases():
     assert acc.report().epsilon > GaussianRDPAccountant(1.0, 1e-5).report().epsilon
     with pytest.raises(ValueError, match="delta must be in"):
         GaussianRDPAccountant(1.0, 0.0)
+
+
+def test_releases_with_different_noise_compose_by_inverse_variance():
+    # z = 1 and z = 2: RDP alpha/2 (1 + 1/4), i.e. one Gaussian with z = (1.25)^(-1/2)
+    acc = GaussianRDPAccountant(2.0, 1e-5)
+    acc.compose()
+    acc.compose(noise_multiplier=1.0)
+    one = GaussianRDPAccountant(1.25**-0.5, 1e-5)
+    one.compose()
+    rep = acc.report()
+    assert rep.epsilon == pytest.approx(one.report().epsilon, rel=1e-9)
+    assert rep.epsilon_exact == pytest.approx(gaussian_epsilon_exact(1.25**-0.5, 1, 1e-5), rel=1e-9)
+    assert rep.rounds == 2 and rep.reduced_rounds == 1 and "1 of them with fewer clients" in rep.line()

@@ -40,11 +40,12 @@ KEYS = {
 }
 
 
-def run(task: str, recipe: str, size: str, out_root: Path, threads: int) -> dict[str, Any]:
+def run(task: str, recipe: str, size: str, out_root: Path, threads: int, rounds: int | None = None) -> dict[str, Any]:
     from fedsim.config import RunConfig
     from fedsim.study.federation import FederationJob, run_federation
 
-    cfg = RunConfig(task=task, seed=0, task_options=(("recipe", recipe),), **SIZES[size][task])
+    fields = {**SIZES[size][task], **({"rounds": rounds} if rounds else {})}
+    cfg = RunConfig(task=task, seed=0, task_options=(("recipe", recipe),), **fields)
     record = run_federation(
         FederationJob(f"{task}-{recipe}", cfg, cme=False, probe=False), out_root / f"{task}-{recipe}", num_threads=threads
     )
@@ -85,20 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="h3denet,aicnet3d", help="comma-separated: h3denet, aicnet3d")
     ap.add_argument("--out-root", type=Path, default=Path("runs/fidelity"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process clients")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: paper, authors")
+    ap.add_argument("--rounds", type=int, default=None, help="override the size's number of rounds")
     ap.add_argument("--results", type=Path, default=None, help="default: benchmarks/results/task-fidelity-<size>.json")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in KEYS]
     if bad:
         ap.error(f"unknown task(s) {', '.join(bad)}; valid choices: {', '.join(KEYS)}")
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if any(r not in RECIPES for r in recipes):
+        ap.error(f"unknown recipe(s) in {args.recipes!r}; valid choices: {', '.join(RECIPES)}")
+    root = args.out_root / (args.size if args.rounds is None else f"{args.size}-r{args.rounds}")
     rows = []
     for task in tasks:
-        for recipe in RECIPES:
-            rows.append(run(task, recipe, args.size, args.out_root / args.size, args.threads))
+        for recipe in recipes:
+            rows.append(run(task, recipe, args.size, root, args.threads, args.rounds))
             print(f"{task} {recipe}: {rows[-1]['global']} ({rows[-1]['wall_s']} s)", file=sys.stderr, flush=True)
     results = args.results or Path(__file__).parent / "results" / f"task-fidelity-{args.size}.json"
     machine = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count()}
-    payload = {"size": args.size, "sizes": SIZES[args.size], "machine": machine, "runs": rows}
+    payload = {"size": args.size, "sizes": SIZES[args.size], "rounds_override": args.rounds, "machine": machine, "runs": rows}
     results.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     print(table(rows))
     return 0

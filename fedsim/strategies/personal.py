@@ -32,7 +32,7 @@ class KeepLocalFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.select_local = select_local
         self.kind = kind
-        self.local_keys: frozenset[str] | None = None
+        self.local_keys: tuple[str, ...] | None = None  # a tuple: a checkpoint keeps it (the arrays it is chosen from then lack these keys)
 
     def shared_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` without the local keys (chosen once, from the first arrays seen)."""
@@ -40,12 +40,13 @@ class KeepLocalFedAvg(FedAvg):
             local = self.select_local(list(arrays.keys()))
             if local and len(local) == len(arrays):
                 raise ValueError(f"{self.kind} would keep every shared parameter local; nothing would be aggregated")
-            self.local_keys = frozenset(local)
+            self.local_keys = tuple(local)
             logger.info(
                 "%s: %d of %d shared tensors stay at the clients (%s); per-client test metrics are each client's own model",
                 self.kind, len(local), len(arrays), ", ".join(local[:6]) + (", ..." if len(local) > 6 else "") if local else "none",
             )  # fmt: skip
-        return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
+        local_set = set(self.local_keys)
+        return ArrayRecord({k: v for k, v in arrays.items() if k not in local_set})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return super().configure_train(server_round, self.shared_arrays(arrays), config, grid)

@@ -41,3 +41,20 @@ def test_fedper_run_keeps_the_head_output_layer_local(tmp_path):
         np.testing.assert_array_equal(
             log.get(2, "train", pid).watched["head.out.weight"], log.get(2, "evaluate", pid).watched["head.out.weight"]
         )
+
+
+@pytest.mark.parametrize(("name", "sent"), [("fedper", {"head.fc1.bias", "head.fc2.weight", "head.fc2.bias"}), ("fedbn", None)])
+def test_mixed_architectures_share_only_the_head_allow_list(name, sent, tmp_path):
+    """Scenario-1 style (small_cnn, alexnet_skip, small_cnn): only the shared head travels; FedPer
+    keeps head.out.* of it local, FedBN finds no BatchNorm in it and sends the whole allow-list."""
+    from fedsim.clients.tasks import resolve_config
+
+    mixed = ("small_cnn", "alexnet_skip", "small_cnn")
+    cfg = resolve_config(
+        RunConfig(profile="tiny", scenario=1, models=mixed, rounds=1, num_samples=60, strategy=name, out=str(tmp_path / "r"))
+    )
+    log = ExchangeLog(set())
+    run_in_process(cfg, on_reply=log)
+    keys = {k for row in log.rows for k in row.sent}
+    allow = {"head.fc1.bias", "head.fc2.weight", "head.fc2.bias", "head.out.weight", "head.out.bias"}
+    assert keys == (sent if sent is not None else allow)

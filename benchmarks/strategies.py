@@ -156,6 +156,10 @@ def run(job: Job, size: str, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- tables and figure
 
 
+def _sections_flag(sections: Sequence[str]) -> str:
+    return "" if not sections or set(sections) == {"heterogeneity", "faults", "privacy"} else " --sections " + " ".join(sections)
+
+
 def _ms(values: Sequence[float | None]) -> str:
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
@@ -167,13 +171,13 @@ def _select(records: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
     return [r for r in records if all(r.get(k) == v for k, v in kw.items())]
 
 
-def tables(records: list[dict[str, Any]], size: str, seeds: Sequence[int]) -> str:
+def tables(records: list[dict[str, Any]], size: str, seeds: Sequence[int], sections: Sequence[str] = ()) -> str:
     images, rounds, epochs = SIZES[size]
     lines = [
         (
             f"Size `{size}`: synthetic brain MRI, `small_cnn`, 32 px, {images} images, {rounds} rounds x {epochs} local epoch(s), "
             f"lr {LR:g}, seeds {', '.join(map(str, seeds))}; mean ± standard deviation over seeds. "
-            f"Made by `python benchmarks/strategies.py{'' if size == 'default' else ' --size ' + size}`; every run is in "
+            f"Made by `python benchmarks/strategies.py{'' if size == 'default' else ' --size ' + size}{_sections_flag(sections)}`; every run is in "
             f"`benchmarks/results/strategies-{size}.json`."
         ),
         "",
@@ -338,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.write_text(json.dumps({"size": args.size, "runs": list(records.values())}, indent=1) + "\n", encoding="utf-8")
         print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     chosen = [records[j.key] for j in todo if j.key in records]
-    text = tables(chosen, args.size, args.seeds)
+    text = tables(chosen, args.size, args.seeds, args.sections)
     (RESULTS / f"strategies-{args.size}.md").write_text(text + "\n", encoding="utf-8")
     figure(chosen, RESULTS / f"strategies-privacy-{args.size}.png")
     if args.size != "tiny" and not args.no_doc:

@@ -166,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0, help="seed of the null bands' permutations and draws (default: %(default)s)")
 
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
+    ce = sub.add_parser("certs", help="make a local CA, the SuperLink's TLS certificate and SuperNode key pairs (secured deployment)")
+    ce.add_argument("out", metavar="DIR", help="folder for ca.crt, server.pem/.key and node<k>/.pub (refused if it holds ca.key)")
+    ce.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="address the SuperLink is reached at, repeatable (IP or DNS name; default: 127.0.0.1 and localhost)",
+    )
+    ce.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default: %(default)s)")
     _add_study_parser(sub)
     return parser
 
@@ -309,6 +319,25 @@ def _interrupted_message(out: Path, signame: str) -> str:
     return f"stopped by {signame}; {rounds} saved in {out} (checkpoint of round {saved}); continue with: fedsim run --resume {out}"
 
 
+def _cmd_certs(args: argparse.Namespace) -> None:
+    from fedsim.config import ConfigError
+    from fedsim.server.secure import make_credentials
+
+    out = Path(args.out).resolve()
+    if (out / "ca.key").exists():
+        raise ConfigError(f"{out} already holds a CA (ca.key); choose another folder (existing keys are never overwritten)")
+    if args.nodes < 0:
+        raise ConfigError(f"--nodes must be >= 0, got {args.nodes}")
+    creds = make_credentials(out, tuple(args.hosts) or ("127.0.0.1", "localhost"), args.nodes)
+    print(f"fedsim: credentials in {out} (keep ca.key offline; node<k> stays on SuperNode k)")
+    print(f"  flower-superlink --ssl-ca-certfile {creds.ca_cert} --ssl-certfile {creds.server_cert} --ssl-keyfile {creds.server_key} \\")
+    print("      --enable-supernode-auth --disable-runtime-dependency-installation --database link.db")
+    for k, key in enumerate(creds.node_keys):
+        print(f"  flwr supernode register {creds.node_public_key(k)} NAME")
+        print(f"  flower-supernode --root-certificates {creds.ca_cert} --auth-supernode-private-key {key} --superlink SERVER:8000 \\")
+        print(f"      --node-config 'partition-id={k} num-partitions={len(creds.node_keys)}'")
+
+
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from fedsim._logging import enable_console_logging
     from fedsim.analysis.report import AnalysisSettings
@@ -381,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             _cmd_list()
+        elif args.command == "certs":
+            _cmd_certs(args)
         elif args.command == "analyze":
             _cmd_analyze(args)
         elif args.command == "study":

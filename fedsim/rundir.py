@@ -64,14 +64,14 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` all or nothing (temp file in the same folder, fsync, rename);
-    the file's mode follows the umask (``mkstemp`` alone would give 0600)."""
+    the file's mode is ``mode``, else follows the umask (``mkstemp`` alone would give 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), (0o666 & ~_umask()) if mode is None else mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -162,3 +162,21 @@ def test_analyze_writes_all_or_nothing(tmp_path, capsys, monkeypatch, task_ident
         main(["analyze", cfg.out])
     assert (tmp_path / "run" / "analysis" / "report.md").read_text() == report  # the previous analysis is intact
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no temp folder left
+
+
+def test_certs_makes_a_ca_a_server_certificate_and_node_keys(tmp_path, capsys):
+    from cryptography import x509
+
+    assert main(["certs", str(tmp_path / "c"), "--host", "10.0.0.5", "--host", "link.example", "--nodes", "2"]) == 0
+    assert "flwr supernode register" in capsys.readouterr().out
+    c = tmp_path / "c"
+    cert = x509.load_pem_x509_certificate((c / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    ca = x509.load_pem_x509_certificate((c / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert (c / "node1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert all((c / name).stat().st_mode & 0o777 == 0o600 for name in ("ca.key", "server.key", "node0", "node1"))
+    line = _fails(["certs", str(c)], capsys)
+    assert "already holds a CA (ca.key)" in line

@@ -41,8 +41,9 @@ proposals the loss is
 * ``BCE(owner logit, 1)`` averaged over the ``P`` proposals;
 * ``1/(L-1) * BCE(other landmarks' logits, 0)`` averaged over the ``P (L-1)`` logits;
 * for each landmark missing in ``m`` samples of the batch: the ``m * A * 256`` highest logits of
-  that landmark over the *whole batch* (all samples, anchors and cells, positives included),
-  all concatenated, ``0.2 * BCE(., 0)`` averaged over them;
+  that landmark over the *whole batch* (all samples, anchors and cells, positives included;
+  all of them when the map is smaller, where the release's ``topk`` would fail), all
+  concatenated, ``0.2 * BCE(., 0)`` averaged over them;
 * ``0.001 * BCE(raw output, 0)`` averaged over *every* output value, the 3 offset channels
   included (a quirk of the release, kept);
 * ``SmoothL1(tanh(o), (u_l - i) / r)`` with beta 1, averaged over the ``3 P`` values.

@@ -98,7 +98,6 @@ def test_authors_augmentation_by_hand():
     assert torch.equal(y, augment_oct_authors(ramp, torch.Generator().manual_seed(0)))  # seeded
 
 
-@pytest.mark.slow
 def test_local_training_with_the_authors_recipe_runs_stage_2():
     task = get_task("aicnet3d")
     cfg = _cfg(rounds=1, local_epochs=1, num_samples=36, task_options=(*AUTHORS, ("finetune-rounds", "1")))

@@ -1,8 +1,9 @@
 """Seeded augmentation of 3D volumes.
 
-:func:`augment_oct` is the OCT augmentation of AI-CNet3D (Kenia, Li, Srivastava, Thakoor, MELBA
-2025, arXiv 2510.00882; training recipe, section 3.4): intensity jitter, a zoom-in crop and the
-two anatomical flips, each with probability 0.5. Every random number comes from the
+:func:`augment_oct` is fedsim's OCT augmentation for AI-CNet3D (Kenia, Li, Srivastava, Thakoor,
+MELBA 2025, arXiv 2510.00882; training recipe, section 3.4): intensity jitter, a zoom-in crop and
+the two anatomical flips, each with probability 0.5. The released code's scheme is
+:func:`fedsim.clients.tasks.aicnet3d.augment_oct_authors`. Every random number comes from the
 ``torch.Generator`` it is given, so a client's augmentation is reproducible from its seed.
 """
 
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 
 
 def augment_oct(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The paper's augmentation on a batch ``(B, 1, D, H, W)`` of intensities in [0, 1] (``D``:
-    B-scans superior -> inferior, ``W``: lateral); each transform is applied with p = 0.5,
-    parameters drawn from ``gen``:
+    """fedsim's OCT augmentation (the release's scheme is
+    :func:`fedsim.clients.tasks.aicnet3d.augment_oct_authors`) on a batch ``(B, 1, D, H, W)`` of
+    intensities in [0, 1] (``D``: B-scans superior -> inferior, ``W``: lateral); each transform is
+    applied with p = 0.5, parameters drawn from ``gen``:
 
     * brightness: ``+ U(-0.1, 0.1)``;
     * contrast around the volume mean: ``x U(0.75, 1.25)``;

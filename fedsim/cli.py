@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="strategy option, repeatable, e.g. mu=0.1 (fedprox) or eta=0.05 (fedadam); see 'fedsim list'",
     )
+    run.add_argument(
+        "--dp-noise",
+        type=float,
+        metavar="Z",
+        help="differential privacy noise multiplier (= --strategy-option noise=Z; dp_fixed, dp_adaptive)",
+    )
+    run.add_argument(
+        "--dp-clip", type=float, metavar="C", help="differential privacy clip norm (= --strategy-option clip=C; dp_fixed, dp_adaptive)"
+    )
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
@@ -193,6 +202,13 @@ def _config_fields(args: argparse.Namespace) -> dict[str, object]:
             fields[key] = parse_key_values(fields[key])
     if "faults" in fields:
         fields["faults"] = tuple(fields["faults"])
+    dp = [(key, str(value)) for key, flag in (("noise", "dp_noise"), ("clip", "dp_clip")) if (value := fields.pop(flag, None)) is not None]
+    if dp:
+        from fedsim.config import ConfigError
+
+        if fields.get("strategy") not in ("dp_fixed", "dp_adaptive"):
+            raise ConfigError(f"--dp-noise / --dp-clip need --strategy dp_fixed or dp_adaptive, got {fields.get('strategy')!r}")
+        fields["strategy_options"] = (*fields.get("strategy_options", ()), *dp)  # type: ignore[misc]
     return fields
 
 
@@ -260,8 +276,9 @@ def _cmd_list() -> None:
     print("strategies:", ", ".join(STRATEGIES.names()))
     for name in STRATEGIES.names():
         entry = STRATEGIES.get(name)
+        print(f"  {name}: {entry.summary}")
         if entry.options_type is not None:
-            print(f"  {name}: --strategy-option: {_option_fields(entry.options_type)}")
+            print(f"    --strategy-option: {_option_fields(entry.options_type)}")
     print("partitioners:", ", ".join(list_partitioners()))
 
 

@@ -88,6 +88,11 @@ def test_pyproject_app_config_is_a_valid_run_config():
     data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     cfg = resolve_config(RunConfig.from_flower(data["tool"]["flwr"]["app"]["config"]))
     assert cfg.profile == "tiny" and cfg.scenario == 1 and cfg.rounds == 2
+    # Flower refuses --run-config keys missing from this table: every RunConfig field needs one
+    import dataclasses
+
+    keys = set(data["tool"]["flwr"]["app"]["config"])
+    assert {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)} <= keys
     assert data["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "fedsim.server.app:app",
         "clientapp": "fedsim.clients.app:app",

@@ -13,6 +13,7 @@ aggregated (same-model scenarios) it is also evaluated on the held-out global te
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import signal
@@ -37,7 +38,7 @@ from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import matching_layers, recorded_parameters
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
-from fedsim.rundir import RunDir, default_out_dir
+from fedsim.rundir import RunDir, atomic_write_bytes, default_out_dir
 from fedsim.server.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -52,7 +53,7 @@ from fedsim.server.checkpoint import (
 )
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import RoundRecorder, scalar
-from fedsim.strategies import StrategyHooks, build_strategy
+from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 
 #: Largest CME record (bytes) the server accepts from one client and round.
 MAX_CME_PAYLOAD = 256_000_000
@@ -402,7 +403,14 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         res = task.evaluate_global(server_model, cfg, dev)
         return {} if res is None else {f"global-{k}": float(v) for k, v in res.metrics.items()}
 
-    recorder = RoundRecorder(run_dir, client_models, global_eval if complete else None)
+    local = kept_local(cfg, shared)  # FedBN / FedPer: these never leave the clients
+    if local:
+        logger.info(
+            "%s keeps %d of the %d shared tensors at the clients (%s): no global model to evaluate on the global test set; "
+            "per-client test metrics are each client's own model",
+            cfg.strategy, len(local), len(shared), ", ".join(local[:4]) + (", ..." if len(local) > 4 else ""),
+        )  # fmt: skip
+    recorder = RoundRecorder(run_dir, client_models, global_eval if complete and not local else None)
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None
@@ -436,7 +444,12 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         on_round_end=[checkpointer.on_round_end],
     )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
-    path = run_dir.save_params(final, {"server_model": cfg.server_model, "complete": str(complete).lower(), "rounds": str(cfg.rounds)})
+    meta = {"server_model": cfg.server_model, "complete": str(complete and not local).lower(), "rounds": str(cfg.rounds)}
+    path = run_dir.save_params(final, meta)
+    spent = privacy_spent(strategy)
+    if spent is not None:  # dp_fixed / dp_adaptive: the epsilon of the whole run, next to its metrics
+        logger.info("%s", spent.line())
+        atomic_write_bytes(run_dir.path / "privacy.json", (json.dumps(spent.to_json(), sort_keys=True) + "\n").encode())
     logger.info("final global parameters: %s", path)
     return result
 

@@ -208,7 +208,7 @@ def _config_fields(args: argparse.Namespace) -> dict[str, object]:
 
         if fields.get("strategy") not in ("dp_fixed", "dp_adaptive"):
             raise ConfigError(f"--dp-noise / --dp-clip need --strategy dp_fixed or dp_adaptive, got {fields.get('strategy')!r}")
-        fields["strategy_options"] = (*fields.get("strategy_options", ()), *dp)  # type: ignore[misc]
+        fields["strategy_options"] = (*fields.get("strategy_options", ()), *dp)
     return fields
 
 

@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedsim.analysis.agreement import RankTest, label_tests, outlier_in_last_round, rank_sum_test
 from fedsim.cme.archive import CMEArchive, RoundCME
 from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS
 
-#: Default off-diagonal similarity above which consecutive covariance maps count as "unchanged".
-SIMILARITY_THRESHOLD = 0.9
+#: Optional absolute floor for the consecutive-map similarity of a saturated client, on top of the
+#: calibrated references (permutation null and noise ceiling); -1 (default): no extra floor. The
+#: earlier constant 0.9 was never reached, not even with the learning rate at ~0.
+SIMILARITY_THRESHOLD = -1.0
+#: Default number of bootstrap pairs behind the noise ceiling of the map similarity.
+CEILING_SAMPLES = 50
 #: Default number of consecutive similar rounds that define saturation.
 SATURATION_PATIENCE = 2
 #: Default number of permutations / noise draws behind a null band.
@@ -50,6 +55,9 @@ HEAD_PATTERNS: tuple[str, ...] = ("head.*",)
 #: A round with more than this fraction of head weights moving by more than their own size in one
 #: local epoch (median ``|C|`` > 1) is *exploding*. Healthy runs stay below ~1 %.
 EXPLODING_JUMP_FRACTION = 0.5
+#: The per-round ``metrics.jsonl`` statistic of the label-agreement ``weak`` test
+#: (:mod:`fedsim.analysis.agreement`; chosen by the validation study, docs/cme-validation.md).
+LABEL_STATISTIC = "train_loss"
 #: A verdict other than ``diverged`` needs this many rounds with this many local epochs.
 MIN_ROUNDS = 3
 MIN_EPOCHS = 2
@@ -155,6 +163,36 @@ def similarity_bands(maps: Sequence[np.ndarray], samples: int = NULL_SAMPLES, co
     return out
 
 
+def similarity_ceiling(cme: np.ndarray, samples: int = CEILING_SAMPLES, seed: int = 0) -> np.ndarray:
+    """Noise ceiling of :func:`map_similarity`: ``samples`` similarities of two covariance maps
+    each estimated from an independent bootstrap resample of the *columns* (incoming connections)
+    of the same CME matrix ``cme`` (``R x K``).
+
+    Two maps estimated from the same matrix differ only by estimation noise, so this is how similar
+    consecutive maps can be expected to be if the client's CME structure did not change at all: the
+    reference for "unchanged" that a fixed threshold lacked. (Disjoint column halves were tried and
+    do not work: the maps' off-diagonal structure is carried by a few heavy-tailed columns;
+    docs/cme-validation.md.)
+    """
+    c = np.asarray(cme, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    k = c.shape[1]
+    out = np.empty(samples)
+    for i in range(samples):
+        out[i] = map_similarity(covariance_map(c[:, rng.integers(0, k, k)]), covariance_map(c[:, rng.integers(0, k, k)]))
+    return out
+
+
+def ceiling_bands(cmes: Sequence[np.ndarray], samples: int = CEILING_SAMPLES, coverage: float = NULL_COVERAGE, seed: int = 0) -> np.ndarray:
+    """``(len(cmes) - 1, 2)``: for each consecutive pair of CME matrices, the central ``coverage``
+    band of :func:`similarity_ceiling`, half of the draws from each matrix of the pair."""
+    out = np.full((max(len(cmes) - 1, 0), 2), np.nan)
+    draws = [similarity_ceiling(c, max(samples // 2, 1), seed=seed * 1_000_003 + j) for j, c in enumerate(cmes)]
+    for j in range(len(cmes) - 1):
+        out[j] = band(np.concatenate([draws[j], draws[j + 1]]), coverage)
+    return out
+
+
 def saturation_round(
     maps: Sequence[np.ndarray],
     rounds: Sequence[int] | None = None,
@@ -162,14 +200,17 @@ def saturation_round(
     patience: int = SATURATION_PATIENCE,
     null_upper: Sequence[float] | np.ndarray | None = None,
     diagonal: bool = False,
+    ceiling_lower: Sequence[float] | np.ndarray | None = None,
 ) -> int | None:
     """The first round from which the covariance map stops changing, or ``None``.
 
     Round ``rounds[j]`` is the saturation round when the next ``patience`` maps are each similar to
     their predecessor: ``s[j], ..., s[j + patience - 1] >= threshold`` with ``s`` from
-    :func:`consecutive_similarities`, and, when ``null_upper`` (one value per consecutive pair, e.g.
-    the upper edges of :func:`similarity_bands`) is given, also above that null band. So at least
-    ``patience + 1`` rounds are needed.
+    :func:`consecutive_similarities`, and, for the references given (one value per consecutive
+    pair), above the permutation null (``null_upper``: the upper edges of :func:`similarity_bands`:
+    the maps share structure) and at least at the noise ceiling (``ceiling_lower``: the lower edges
+    of :func:`ceiling_bands`: the maps are as similar as two noisy estimates of one map). So at
+    least ``patience + 1`` rounds are needed.
     """
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
@@ -178,8 +219,9 @@ def saturation_round(
         raise ValueError(f"{len(maps)} maps but {len(rounds)} round numbers")
     sims = consecutive_similarities(maps, diagonal)
     floor = np.full(len(sims), threshold)
-    if null_upper is not None:
-        floor = np.fmax(floor, np.asarray(null_upper, dtype=np.float64))
+    for ref in (null_upper, ceiling_lower):
+        if ref is not None:
+            floor = np.fmax(floor, np.asarray(ref, dtype=np.float64))
     for j in range(len(sims) - patience + 1):
         window, lim = sims[j : j + patience], floor[j : j + patience]
         if np.all(np.isfinite(window)) and np.all(window >= lim):
@@ -382,9 +424,11 @@ class ClientStatistics:
     masked_fraction: np.ndarray
     dead_fraction: np.ndarray
     dead_unit_fraction: np.ndarray
-    #: off-diagonal similarity of map r-1 and map r, its permutation null band, and the old statistic
+    #: off-diagonal similarity of map r-1 and map r, its permutation null band (unrelated maps), its
+    #: noise-ceiling band (an unchanged map, :func:`ceiling_bands`), and the old statistic
     similarity: np.ndarray
     similarity_band: np.ndarray
+    ceiling_band: np.ndarray
     similarity_with_diagonal: np.ndarray
     #: mean |change| of the normalised ACF from round r-1 to r, head / all layers, with noise bands
     acf_change_head: np.ndarray
@@ -406,7 +450,7 @@ class ClientStatistics:
         for name in ("nonfinite_fraction", "jump_fraction", "magnitude", "norm", "masked_fraction", "dead_fraction",
                      "dead_unit_fraction", "similarity", "similarity_with_diagonal", "acf_change_head", "acf_change_all"):  # fmt: skip
             out[name] = [float(v) for v in getattr(self, name)]
-        for name in ("similarity_band", "acf_change_head_band", "acf_change_all_band"):
+        for name in ("similarity_band", "ceiling_band", "acf_change_head_band", "acf_change_all_band"):
             out[name] = [[float(a), float(b)] for a, b in getattr(self, name)]
         out["acf_variation_head"] = self.acf_variation_head
         out["acf_variation_head_band"] = list(self.acf_variation_head_band)
@@ -429,6 +473,7 @@ def client_statistics(
     samples: int = NULL_SAMPLES,
     coverage: float = NULL_COVERAGE,
     seed: int = 0,
+    ceiling_samples: int = CEILING_SAMPLES,
 ) -> ClientStatistics:
     """All per-round statistics of one client and their null bands (see :class:`ClientStatistics`)."""
     rounds = np.array(archive.rounds(client))
@@ -463,12 +508,19 @@ def client_statistics(
         dead_units[j] = float(((st[:, FIELD["dead_rows"]] + st[:, FIELD["dead_cols"]]) / (r_ + c_)).mean())
 
     _, maps = round_maps(archive, client, layer)
-    sim, sim_diag, sim_band = nan.copy(), nan.copy(), np.full((n, 2), np.nan)
+    sim, sim_diag = nan.copy(), nan.copy()
+    sim_band, ceil_band = np.full((n, 2), np.nan), np.full((n, 2), np.nan)
     if n >= 2:
         sim[1:] = consecutive_similarities(maps)
         sim_diag[1:] = consecutive_similarities(maps, diagonal=True)
         sim_band[1:] = similarity_bands(maps, samples, coverage, seed=seed * 7919 + client)
-    sat = saturation_round(maps, list(rounds), similarity_threshold, patience, null_upper=sim_band[1:, 1]) if n >= 2 else None
+        last = [archive.read(client, int(r)).matrices[layer][-1] for r in rounds]  # the CMEs behind round_maps
+        ceil_band[1:] = ceiling_bands(last, ceiling_samples, coverage, seed=seed * 7919 + client)
+    sat = (
+        saturation_round(maps, list(rounds), similarity_threshold, patience, null_upper=sim_band[1:, 1], ceiling_lower=ceil_band[1:, 0])
+        if n >= 2
+        else None
+    )
 
     acf = client_acf(archive, client)
     se = acf.se if acf.se is not None else np.full_like(acf.normalised, np.nan)
@@ -499,6 +551,7 @@ def client_statistics(
         dead_unit_fraction=dead_units,
         similarity=sim,
         similarity_band=sim_band,
+        ceiling_band=ceil_band,
         similarity_with_diagonal=sim_diag,
         acf_change_head=change_head,
         acf_change_head_band=band_head,
@@ -542,6 +595,7 @@ def decide_verdict(
     coverage: float = NULL_COVERAGE,
     min_rounds: int = MIN_ROUNDS,
     min_epochs: int = MIN_EPOCHS,
+    labels: RankTest | None = None,
 ) -> Verdict:
     """The decision rule of ``fedsim analyze``: one verdict per client, checked in this order.
 
@@ -554,16 +608,22 @@ def decide_verdict(
     2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
        ACF needs two epochs per round, its change two rounds), or no noise band could be computed.
     3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
-       nothing), or, with peers, the client's head CME magnitude is below *every* other client's in
-       every round. Null: clients are exchangeable, so that happens by chance with probability
-       ``(1 / clients) ** rounds``; the test is made only when that is at most ``(1 - coverage) / 2``
-       (e.g. 3 clients need >= 3 rounds) -- the sec. 3.2 reading "minimal contribution".
+       nothing); or, with peers, its head CME magnitude ranks lowest among the clients more often
+       than chance allows (:func:`magnitude_rank_test`); or, given ``labels`` (the
+       :func:`~fedsim.analysis.agreement.label_gap_tests` result from ``metrics.jsonl``), its
+       training labels disagree with its own model more than the other clients' do. Null for both:
+       exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
+       half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an
+       effect-size guard that only makes them more conservative, the client must be an outlier in
+       the last round (:func:`~fedsim.analysis.agreement.outlier_in_last_round`) -- the sec. 3.2
+       reading "minimal contribution", extended to wrong labels (docs/cme-validation.md: no CME
+       statistic detects those).
     4. ``learning``: the head ACF variation is above the upper edge of its noise band (the ACF
        changes between rounds more than sampling noise explains: the paper's "varying ACF").
     5. ``dominant``: otherwise -- a stable head ACF with a normal-size contribution (the paper's
        "stable ACF: needs little learning", sec. 4.3).
 
-    ``peers`` are the other clients of the run (for step 3); rounds are matched by number.
+    ``peers`` are the other clients of the run (steps 1 and 3); rounds are matched by number.
     """
     s = stats
     bad = np.flatnonzero(np.nan_to_num(s.nonfinite_fraction) > 0)
@@ -598,20 +658,24 @@ def decide_verdict(
     mag = s.magnitude
     if np.all(np.nan_to_num(mag) == 0):
         return Verdict(WEAK, "magnitude", 0.0, None, "no head weight changed in any round: the client contributes nothing")
+    alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
     if others:
-        clients = len(others) + 1
-        common = [r for r in s.rounds if all(r in p.rounds for p in others)]
-        chance = (1 / clients) ** len(common) if common else 1.0
-        if common and chance <= (1 - coverage) / 2:
-            own = np.array([mag[list(s.rounds).index(r)] for r in common])
-            peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others])  # (peers, rounds)
-            below = own < np.nanmin(peer, axis=0)
-            if np.all(below & np.isfinite(own)):
-                peer_med = np.nanmedian(peer, axis=1)
-                return Verdict(WEAK, "magnitude", float(np.median(own)), (float(np.min(peer_med)), float(np.max(peer_med))),
-                               f"head CME magnitude {_fmt(float(np.median(own)))} below every other client's "
-                               f"({_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}) in all {len(common)} rounds "
-                               f"(chance {chance:.2g} if clients were alike)")  # fmt: skip
+        test = magnitude_rank_test(s, others)
+        if test is not None and test.p_value <= alpha and outlier_in_last_round(test):
+            own, peer_med = float(np.median(test.own)), np.median(test.peers, axis=1)
+            return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),
+                           f"head CME magnitude {_fmt(own)} (median) lowest of {test.clients} clients in {test.top_rounds} of "
+                           f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
+                           f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round further below "
+                           "the others than they are apart")  # fmt: skip
+    if labels is not None and labels.p_value <= alpha and outlier_in_last_round(labels):
+        gap, peer_med = float(np.median(labels.own)), np.median(labels.peers, axis=1)
+        what = "train loss" if labels.statistic == "train_loss" else "train loss - test loss"
+        return Verdict(WEAK, f"{labels.statistic}_rank_sum", labels.rank_sum, labels.band(coverage),
+                       f"its training labels disagree with its model: {what} {_fmt(gap)} (median) highest of "
+                       f"{labels.clients} clients in {labels.top_rounds} of {len(labels.ranks)} rounds (others "
+                       f"{_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); rank-sum p = {labels.p_value:.2g} "
+                       f"<= {alpha:.3g} if clients were alike; in the last round further above the others than they are apart")  # fmt: skip
 
     v = s.acf_variation_head
     if not (np.isfinite(v) and np.isfinite(vband[1])):
@@ -670,6 +734,25 @@ def exploding_round(stats: ClientStatistics, others: Sequence[ClientStatistics])
     return int(common[j]), float(excess_mag[j]), gap_mag
 
 
-def decide_verdicts(all_stats: Sequence[ClientStatistics], coverage: float = NULL_COVERAGE) -> dict[int, Verdict]:
-    """:func:`decide_verdict` for every client of a run, each against the others."""
-    return {s.client: decide_verdict(s, all_stats, coverage) for s in all_stats}
+def magnitude_rank_test(stats: ClientStatistics, others: Sequence[ClientStatistics]) -> RankTest | None:
+    """Rank-sum test (:func:`~fedsim.analysis.agreement.rank_sum_test`, ``low``) of the client's
+    head CME magnitude against the other clients' over their common rounds; ``None`` without
+    peers or common rounds."""
+    common = [r for r in stats.rounds if all(r in p.rounds for p in others)]
+    if not others or not common:
+        return None
+    own = np.array([stats.magnitude[list(stats.rounds).index(r)] for r in common])
+    peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others])
+    return rank_sum_test(own, peer, common, "low", "magnitude")
+
+
+def decide_verdicts(
+    all_stats: Sequence[ClientStatistics],
+    coverage: float = NULL_COVERAGE,
+    metrics_rows: Sequence[Mapping[str, Any]] | None = None,
+    label_statistic: str = LABEL_STATISTIC,
+) -> dict[int, Verdict]:
+    """:func:`decide_verdict` for every client of a run, each against the others; with the run's
+    ``metrics.jsonl`` rows, the label-agreement test is used too."""
+    labels = label_tests(metrics_rows, label_statistic) if metrics_rows else {}
+    return {s.client: decide_verdict(s, all_stats, coverage, labels=labels.get(s.client)) for s in all_stats}

@@ -151,7 +151,8 @@ class DiagonalDisplay:
 
 class RoundStatisticDisplay:
     """One or more per-round statistics (NaN at rounds where undefined), each with its null band
-    (``(rounds, 2)``, shaded), and optionally a threshold line and a marked round."""
+    (``(rounds, 2)``, shaded), optionally reference bands (``references``: label -> ``(rounds, 2)``,
+    hatched grey, e.g. the noise ceiling of the map similarity), a threshold line and a marked round."""
 
     def __init__(
         self,
@@ -162,11 +163,13 @@ class RoundStatisticDisplay:
         threshold: float | None = None,
         mark: int | None = None,
         mark_label: str = "",
+        references: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.rounds = np.asarray(rounds)
         self.series = dict(series)
         self.ylabel, self.title = ylabel, title
         self.threshold, self.mark, self.mark_label = threshold, mark, mark_label
+        self.references = dict(references or {})
 
     def plot(self, ax: Any | None = None) -> Any:
         import matplotlib.pyplot as plt
@@ -179,6 +182,9 @@ class RoundStatisticDisplay:
             if nullband is not None:
                 nb = np.asarray(nullband, dtype=np.float64)
                 ax.fill_between(self.rounds, nb[:, 0], nb[:, 1], color=color, alpha=0.2, lw=0, label=f"{label}: null band")
+        for label, ref in self.references.items():
+            rb = np.asarray(ref, dtype=np.float64)
+            ax.fill_between(self.rounds, rb[:, 0], rb[:, 1], facecolor="none", edgecolor="0.45", hatch="///", lw=0, label=label)
         if self.threshold is not None:
             ax.axhline(self.threshold, color="k", ls="--", lw=1, label=f"threshold {self.threshold:g}")
         if self.mark is not None:
@@ -289,10 +295,11 @@ class ClientCMEFigure:
             {"off-diagonal similarity to previous round": (s.similarity, s.similarity_band),
              "with diagonal (old statistic)": (s.similarity_with_diagonal, None)},
             "map similarity (Pearson)",
-            "map vs previous round's map\n(null band: neurons shuffled)",
-            threshold=self.similarity_threshold,
+            "map vs previous round's map (null band: neurons shuffled;\nhatched: noise ceiling, an unchanged map re-estimated)",
+            threshold=self.similarity_threshold if self.similarity_threshold is not None and self.similarity_threshold > -1 else None,
             mark=s.saturation_round,
             mark_label="saturation",
+            references={"noise ceiling (unchanged map)": s.ceiling_band},
         ).plot(fig.add_subplot(grid[1, 1]))  # fmt: skip
         RoundStatisticDisplay(
             s.rounds,

@@ -142,7 +142,7 @@ def analyze_run(run_dir: str | Path, out: str | Path | None = None, settings: An
                     settings.seed,
                 )
             )
-        verdicts = decide_verdicts(all_stats, settings.coverage)
+        verdicts = decide_verdicts(all_stats, settings.coverage, rows)
         for s in all_stats:
             v = verdicts[s.client]
             shown = pick_rounds([int(r) for r in s.rounds], s.saturation_round)

@@ -51,13 +51,17 @@ def cme_candidates(run_dir: str | Path, null_samples: int | None = None) -> dict
     except (CMEArchiveError, FileNotFoundError):
         return {}
     if hasattr(analysis_cme, "client_statistics"):
-        values = _from_analysis(arch, analysis_cme, null_samples)
+        from fedsim.rundir import RunDir
+
+        values = _from_analysis(arch, analysis_cme, null_samples, RunDir(run_dir).read_metrics())
     else:
         values = {c: _fallbacks(arch, c) for c in arch.clients}
     return {c: {f"cme_{k}": v for k, v in vals.items()} for c, vals in values.items()}
 
 
-def _from_analysis(arch: CMEArchive, A: Any, null_samples: int | None) -> dict[int, dict[str, Any]]:
+def _from_analysis(
+    arch: CMEArchive, A: Any, null_samples: int | None, rows: list[dict[str, Any]] | None = None
+) -> dict[int, dict[str, Any]]:
     import inspect
 
     kwargs: dict[str, Any] = {}
@@ -84,9 +88,13 @@ def _from_analysis(arch: CMEArchive, A: Any, null_samples: int | None) -> dict[i
             out[c][key] = _mean(value)
         if hasattr(s, "saturation_round"):
             out[c]["saturation_round"] = float(s.saturation_round or len(arch.rounds(c)) + 1)
+    if hasattr(A, "magnitude_rank_test"):
+        for s in stats:
+            test = A.magnitude_rank_test(s, [p for p in stats if p.client != s.client])
+            out[s.client]["magnitude_rank_sum"] = float("nan") if test is None else test.rank_sum
     if stats and hasattr(A, "decide_verdicts"):
         try:
-            verdicts = A.decide_verdicts(stats)
+            verdicts = A.decide_verdicts(stats, metrics_rows=rows) if rows else A.decide_verdicts(stats)
         except Exception as exc:  # noqa: BLE001  (verdicts are optional columns)
             log.warning("CME verdicts failed: %s", exc)
             verdicts = {}

@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from fedsim.analysis.agreement import label_tests, rank_sum_band
 from fedsim.analysis.cme import (
     DIVERGED,
     DOMINANT,
+    LABEL_STATISTIC,
     LEARNING,
     UNDETERMINED,
     VERDICTS,
@@ -22,6 +24,8 @@ from fedsim.analysis.cme import (
     acf_from_stats,
     acf_jackknife_se,
     acf_variation,
+    band,
+    ceiling_bands,
     consecutive_similarities,
     correlation_map,
     covariance_map,
@@ -32,6 +36,7 @@ from fedsim.analysis.cme import (
     map_similarity,
     saturation_round,
     similarity_bands,
+    similarity_ceiling,
     similarity_null,
 )
 from fedsim.callbacks import TrainInfo
@@ -159,7 +164,7 @@ def _noise_then_pattern(rng, n_rounds, stable_from, size=12):
 def test_saturation_round_found_where_maps_stabilise(rng, stable_from):
     maps = _noise_then_pattern(rng, 10, stable_from)
     assert saturation_round(maps, threshold=0.9, patience=2) == stable_from
-    assert saturation_round(maps, rounds=range(11, 21)) == 10 + stable_from  # reports the given round numbers
+    assert saturation_round(maps, rounds=range(11, 21), threshold=0.9) == 10 + stable_from  # reports the given round numbers
     bands = similarity_bands(maps, samples=50)
     assert saturation_round(maps, threshold=0.9, null_upper=bands[:, 1]) == stable_from
     # a null band above the similarity vetoes saturation
@@ -168,11 +173,43 @@ def test_saturation_round_found_where_maps_stabilise(rng, stable_from):
 
 def test_no_saturation_when_maps_keep_changing(rng):
     maps = _noise_then_pattern(rng, 8, stable_from=99)
-    assert saturation_round(maps) is None
-    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=6), patience=2) == 6
+    assert saturation_round(maps, threshold=0.9) is None
+    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=6), threshold=0.9, patience=2) == 6
     # stable from round 7 of 8: only one similar pair follows, patience 2 cannot be confirmed
-    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=7), patience=2) is None
-    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=7), patience=1) == 7
+    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=7), threshold=0.9, patience=2) is None
+    assert saturation_round(_noise_then_pattern(rng, 8, stable_from=7), threshold=0.9, patience=1) == 7
+
+
+def _structured_cme(rng, loadings, columns=200, noise=0.5):
+    """A CME-like matrix whose rows share a low-rank structure (``loadings``: rows x factors)."""
+    return loadings @ rng.normal(size=(loadings.shape[1], columns)) + noise * rng.normal(size=(loadings.shape[0], columns))
+
+
+def test_noise_ceiling_holds_two_estimates_of_one_map_and_not_a_changed_one(rng):
+    a, b = rng.normal(size=(16, 3)), rng.normal(size=(16, 3))
+    c1, c2, c3 = _structured_cme(rng, a), _structured_cme(rng, a), _structured_cme(rng, b)
+    lo, _ = band(similarity_ceiling(c1, samples=100, seed=1), 0.9)
+    same = map_similarity(covariance_map(c1), covariance_map(c2))  # same structure, new draw
+    changed = map_similarity(covariance_map(c1), covariance_map(c3))
+    assert 0.5 < lo <= same and changed < lo
+    np.testing.assert_array_equal(similarity_ceiling(c1, 10, seed=2), similarity_ceiling(c1, 10, seed=2))
+    bands = ceiling_bands([c1, c2, c3], samples=40, seed=3)
+    assert bands.shape == (2, 2) and np.all(bands[:, 0] < bands[:, 1])
+
+
+def test_saturation_with_the_calibrated_references_and_no_fixed_threshold(rng):
+    """Rounds 1-4 change structure every round, from round 5 the structure stays: saturation at 5,
+    found by the permutation null and the noise ceiling alone (default threshold: none)."""
+    cmes = [_structured_cme(rng, rng.normal(size=(16, 3))) for _ in range(4)]
+    stable = rng.normal(size=(16, 3))
+    cmes += [_structured_cme(rng, stable) for _ in range(4)]
+    maps = [covariance_map(c) for c in cmes]
+    ceiling = ceiling_bands(cmes, samples=40, seed=0)
+    null = similarity_bands(maps, samples=50)
+    assert saturation_round(maps, null_upper=null[:, 1], ceiling_lower=ceiling[:, 0]) == 5
+    # the changing pairs sit below the ceiling's lower edge, the stable ones at or above it
+    sims = consecutive_similarities(maps)
+    assert np.all(sims[:3] < ceiling[:3, 0]) and np.all(sims[4:] >= ceiling[4:, 0])
 
 
 def test_map_similarity_off_and_on_the_diagonal():
@@ -230,7 +267,7 @@ def make_stats(client=0, rounds=4, epochs=2, magnitude=0.05, variation=0.05, vba
         client=client, model="m", layer="head.fc2.weight", head=("head.fc2.weight",), rounds=rr, epochs=np.full(n, epochs),
         nonfinite_fraction=np.full(n, nonfinite), nonfinite_layer=("head.fc2.weight",) * n, jump_fraction=np.full(n, jump),
         magnitude=np.broadcast_to(np.asarray(magnitude, dtype=float), (n,)).copy(), norm=full, masked_fraction=full,
-        dead_fraction=full, dead_unit_fraction=full, similarity=full, similarity_band=bands, similarity_with_diagonal=full,
+        dead_fraction=full, dead_unit_fraction=full, similarity=full, similarity_band=bands, ceiling_band=bands, similarity_with_diagonal=full,
         acf_change_head=full, acf_change_head_band=bands, acf_change_all=full, acf_change_all_band=bands,
         acf_variation_head=variation, acf_variation_head_band=vband, acf_variation_all=variation, acf_variation_all_band=vband,
         saturation_round=None,
@@ -262,22 +299,43 @@ def test_learning_and_dominant_come_from_the_noise_band():
     assert decide_verdict(make_stats(vband=(np.nan, np.nan))).verdict == UNDETERMINED
 
 
-def test_weak_needs_a_smaller_magnitude_than_every_peer_in_every_round():
+def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
     peers = [make_stats(client=1, magnitude=[0.05, 0.04, 0.06, 0.05]), make_stats(client=2, magnitude=[0.03, 0.05, 0.04, 0.06])]
     weak = make_stats(client=0, magnitude=[0.01, 0.02, 0.01, 0.02], variation=0.5)
     v = decide_verdict(weak, peers)
-    assert v.verdict == WEAK and v.statistic == "magnitude" and "in all 4 rounds" in v.reason and "chance 0.012" in v.reason
-    assert v.value == pytest.approx(0.015) and v.band == pytest.approx((0.045, 0.05))
-    # below in 3 of 4 rounds only: not weak (the ACF rule decides)
+    # lowest of 3 clients in all 4 rounds: rank sum 12, p = (1/3)^4 = 0.012 <= 0.05 / 2
+    assert v.verdict == WEAK and v.statistic == "magnitude_rank_sum" and v.value == 12
+    assert "lowest of 3 clients in 4 of 4 rounds" in v.reason and "p = 0.012" in v.reason
+    assert v.band == rank_sum_band(3, 4, 0.9)
+    # lowest in 3 rounds, second in one: rank sum 11, p = 5/81 + 1/81 = 0.074 > 0.025: the ACF rule decides
     almost = make_stats(client=0, magnitude=[0.01, 0.02, 0.045, 0.02], variation=0.5)
     assert decide_verdict(almost, peers).verdict == LEARNING
-    # two clients, 4 rounds: chance 1/16 > 5 %: the peer test is not made
+    # two clients, 4 rounds: even always lowest has p = 1/16 > 0.025
     assert decide_verdict(weak, peers[:1]).verdict == LEARNING
     # nothing changed at all: weak without any peer
     v = decide_verdict(make_stats(magnitude=0.0))
     assert v.verdict == WEAK and "contributes nothing" in v.reason
     verdicts = decide_verdicts([weak, *peers])
     assert verdicts[0].verdict == WEAK and verdicts[1].verdict == DOMINANT
+
+
+def test_weak_when_its_training_labels_disagree_with_its_model():
+    """The label-agreement test (metrics.jsonl) flags a client whose statistic is the highest of
+    the run in every round; the CME statistics alone would call it healthy."""
+    train = {0: [1.30, 1.25, 1.20, 1.15], 1: [1.38, 1.37, 1.36, 1.36], 2: [1.31, 1.24, 1.18, 1.10]}
+    test = {0: [1.31, 1.27, 1.24, 1.20], 1: [1.33, 1.30, 1.27, 1.22], 2: [1.32, 1.27, 1.22, 1.19]}
+    rows = [
+        {"round": r + 1, "clients": [{"client": k, "train_loss": train[k][r], "test_loss": test[k][r]} for k in range(3)]} for r in range(4)
+    ]
+    stats = [make_stats(client=k, variation=0.05) for k in range(3)]
+    assert {v.verdict for v in decide_verdicts(stats).values()} == {DOMINANT}
+    verdicts = decide_verdicts(stats, metrics_rows=rows)
+    v = verdicts[1]
+    assert v.verdict == WEAK and v.statistic.startswith(LABEL_STATISTIC) and v.value == 12
+    assert "highest of 3 clients in 4 of 4 rounds" in v.reason
+    assert verdicts[0].verdict == DOMINANT and verdicts[2].verdict == DOMINANT
+    # a diverged client stays diverged whatever its labels
+    assert decide_verdict(make_stats(client=1, nonfinite=0.5), stats, labels=label_tests(rows, LABEL_STATISTIC)[1]).verdict == DIVERGED
 
 
 def test_verdicts_come_from_the_fixed_vocabulary():

@@ -160,8 +160,8 @@ def test_a_client_with_nan_weights_is_diverged(tmp_path, rng):
 def test_a_client_that_changes_far_less_than_the_others_is_weak(tmp_path, rng):
     run = make_run(tmp_path / "run", rng, clients=3, scales=[0.05, 0.0005, 0.05])
     clients = {c["client"]: c for c in analyze_run(run, settings=AnalysisSettings(null_samples=50)).summary["clients"]}
-    assert clients[1]["verdict"] == "weak" and clients[1]["statistic"] == "magnitude"
-    assert clients[1]["value"] < clients[1]["null_band"][0]
+    assert clients[1]["verdict"] == "weak" and clients[1]["statistic"] == "magnitude_rank_sum"
+    assert clients[1]["value"] > clients[1]["null_band"][1]  # rank sum above the exchangeable-clients band
     assert clients[0]["verdict"] != "weak" and clients[2]["verdict"] != "weak"
 
 

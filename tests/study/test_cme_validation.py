@@ -123,13 +123,13 @@ def test_leave_one_out_is_read_from_the_run_without_the_client(tiny_study):
 
 
 def test_a_finished_study_is_resumed_not_rerun(tiny_study):
-    res, first = tiny_study
-    t0 = time.perf_counter()
+    res, _ = tiny_study
+    records = sorted(res.out.glob("runs/*/config.json"))
+    stamps = [p.stat().st_mtime_ns for p in records]
     again = cv.run_study(res.out, "tiny", workers=1, threads=1)
-    assert time.perf_counter() - t0 < max(5.0, first / 5)
     np.testing.assert_array_equal([r["loo_others"] for r in again.rows], [r["loo_others"] for r in res.rows])
     # the CME statistics can be recomputed from the archives without training again
     fresh = cv.run_study(res.out, "tiny", workers=1, threads=1, refresh_cme=True)
-    assert time.perf_counter() - t0 < max(15.0, first / 2)
+    assert records and [p.stat().st_mtime_ns for p in records] == stamps  # no federation ran again
     key = "cme_acf_variation_head"
     np.testing.assert_array_equal([r.get(key) for r in fresh.rows], [r.get(key) for r in res.rows])

@@ -1,0 +1,196 @@
+"""Between-client rank tests and label agreement: the non-CME evidence behind ``weak`` verdicts.
+
+The CME validation study (docs/cme-validation.md) found that no CME statistic tells a client with
+wrong training labels from a healthy one: such a client moves as much, and in a similar direction.
+What does separate it is how well its *own* training labels agree with the model it trains: with
+half of its labels replaced by other classes, its training loss stays high although its held-out
+loss (a clean test split) does not. So the verdict also uses the run's ``metrics.jsonl``:
+
+* :func:`label_gap`: per client and round, ``train_loss - test_loss`` (the loss on the client's
+  training labels minus the loss on its held-out split, both from the same model and round). A
+  model fits its own training data at least as well as unseen data, so the gap of a healthy client
+  is <= ~0; labels that contradict what the model learns make it positive. It is a difference of
+  two numbers of the same model, so it compares clients with different architectures.
+* :func:`rank_sum_test`: the null is that clients are exchangeable: in every round each client's
+  rank among the ``K`` clients is uniform on ``1..K``, independently across rounds. The rank sum
+  over ``R`` rounds then has an exact distribution (the ``R``-fold convolution of the uniform
+  distribution), and its upper tail is the p-value of "this client is at the top more often than
+  chance". Used for the CME magnitude (lowest = weak contribution) and the label gap (highest =
+  disagreeing labels), each at half the verdict's one-sided level, so the two ``weak`` tests
+  together keep the level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def rank_sum_pvalue(rank_sum: float, clients: int, rounds: int) -> float:
+    """``P(S >= rank_sum)`` for ``S`` the sum of ``rounds`` independent ranks, each uniform on
+    ``1..clients`` (half-integer ``rank_sum`` from ties is rounded up: conservative)."""
+    if clients < 2 or rounds < 1:
+        raise ValueError(f"needs >= 2 clients and >= 1 round, got {clients} clients and {rounds} rounds")
+    pmf = np.ones(1)
+    step = np.full(clients, 1.0 / clients)
+    for _ in range(rounds):
+        pmf = np.convolve(pmf, step)  # pmf[i] = P(S = rounds + i)
+    i = int(np.ceil(rank_sum - 1e-9)) - rounds
+    if i <= 0:
+        return 1.0
+    return float(pmf[i:].sum()) if i < len(pmf) else 0.0
+
+
+def rank_sum_band(clients: int, rounds: int, coverage: float = 0.9) -> tuple[float, float]:
+    """The central ``coverage`` interval of the rank sum under the null of :func:`rank_sum_pvalue`
+    (``[lo, hi]`` with ``P(S < lo), P(S > hi) <= (1 - coverage) / 2``)."""
+    pmf = np.ones(1)
+    for _ in range(rounds):
+        pmf = np.convolve(pmf, np.full(clients, 1.0 / clients))
+    cdf = np.cumsum(pmf)
+    tail = (1 - coverage) / 2
+    lo = int(np.searchsorted(cdf, tail - 1e-12, side="right"))  # first s with P(S <= s) > tail
+    hi = int(np.searchsorted(cdf, 1 - tail - 1e-12))  # first s with P(S <= s) >= 1 - tail
+    return float(rounds + lo), float(rounds + hi)
+
+
+@dataclass(frozen=True)
+class RankTest:
+    """One client's rank-sum test against its peers: ``ranks`` per used round (1 = lowest,
+    ``clients`` = highest; ties count half), their sum, the p-value and the rounds used."""
+
+    statistic: str
+    direction: str
+    ranks: np.ndarray
+    rounds: np.ndarray
+    clients: int
+    rank_sum: float
+    p_value: float
+    own: np.ndarray
+    peers: np.ndarray
+
+    def band(self, coverage: float = 0.9) -> tuple[float, float]:
+        """The null's central ``coverage`` interval of :attr:`rank_sum` (:func:`rank_sum_band`)."""
+        return rank_sum_band(self.clients, len(self.ranks), coverage)
+
+    @property
+    def top_rounds(self) -> int:
+        """Rounds in which the client was the most extreme (highest for ``high``)."""
+        return int(np.sum(self.ranks >= self.clients))
+
+
+def rank_sum_test(
+    own: Sequence[float] | np.ndarray,
+    peers: Sequence[Sequence[float]] | np.ndarray,
+    rounds: Sequence[int] | np.ndarray | None = None,
+    direction: str = "high",
+    statistic: str = "",
+) -> RankTest | None:
+    """Rank-sum test of ``own`` (per round) against ``peers`` (``(peers, rounds)``), see the module
+    docstring. ``direction="high"`` tests for the client being the highest, ``"low"`` the lowest.
+    Rounds where the client's value or any peer's is non-finite are left out; ``None`` when no
+    round is left or there is no peer."""
+    if direction not in ("high", "low"):
+        raise ValueError(f"direction must be 'high' or 'low', got {direction!r}")
+    x = np.asarray(own, dtype=np.float64)
+    p = np.asarray(peers, dtype=np.float64).reshape(-1, len(x))
+    r = np.arange(1, len(x) + 1) if rounds is None else np.asarray(rounds)
+    if p.shape[0] == 0:
+        return None
+    if direction == "low":
+        x, p = -x, -p
+    ok = np.isfinite(x) & np.all(np.isfinite(p), axis=0)
+    if not ok.any():
+        return None
+    x, p, r = x[ok], p[:, ok], r[ok]
+    ranks = 1.0 + (p < x).sum(axis=0) + 0.5 * (p == x).sum(axis=0)
+    clients = p.shape[0] + 1
+    total = float(ranks.sum())
+    sign = -1.0 if direction == "low" else 1.0
+    return RankTest(statistic, direction, ranks, r, clients, total, rank_sum_pvalue(total, clients, len(ranks)), sign * x, sign * p)
+
+
+#: Per-round client statistics from ``metrics.jsonl`` that can carry the label-agreement test.
+LABEL_STATISTICS = ("train_loss", "label_gap")
+
+
+def client_series(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{client: (rounds, values)}`` of a per-round statistic from ``metrics.jsonl`` rows: the
+    client's ``train_loss`` (on its own training labels, last local epoch), or ``label_gap`` =
+    ``train_loss - test_loss``. NaN where a loss is missing or non-finite."""
+    if statistic not in LABEL_STATISTICS:
+        raise ValueError(f"unknown label statistic {statistic!r}; valid: {', '.join(LABEL_STATISTICS)}")
+    out: dict[int, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for c in row.get("clients", []):
+            rounds, values = out.setdefault(int(c["client"]), ([], []))
+            rounds.append(int(row["round"]))
+            value = _num(c.get("train_loss"))
+            if statistic == "label_gap":
+                value -= _num(c.get("test_loss"))
+            values.append(value)
+    return {k: (np.array(r), np.array(v)) for k, (r, v) in out.items()}
+
+
+def outlier_in_last_round(test: RankTest) -> bool:
+    """The effect-size guard of the ``weak`` tests: in the last round the test used, the client is
+    further from the nearest other client than the other clients are from each other (beyond the
+    largest other by more than the others' range; mirrored for ``low``). A rank-sum test alone also
+    fires on small persistent differences between healthy clients (real partitions differ); this
+    condition can only make the test more conservative, so its level stays at most the test's."""
+    if test.peers.shape[0] < 2 or len(test.own) == 0:
+        return False
+    x, p = float(test.own[-1]), test.peers[:, -1]
+    hi, lo = float(p.max()), float(p.min())
+    return x - hi > hi - lo if test.direction == "high" else lo - x > hi - lo
+
+
+def label_gap(rows: Sequence[Mapping[str, Any]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{client: (rounds, train_loss - test_loss)}`` (:func:`client_series`)."""
+    return client_series(rows, "label_gap")
+
+
+def label_tests(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss") -> dict[int, RankTest | None]:
+    """:func:`rank_sum_test` (``high``) of every client's per-round ``statistic``
+    (:func:`client_series`) against the other clients', over the rounds all of them report."""
+    series = client_series(rows, statistic)
+    out: dict[int, RankTest | None] = {}
+    for k, (rounds, values) in series.items():
+        others = [v for j, v in series.items() if j != k]
+        common = [int(r) for r in rounds if all(r in o[0] for o in others)]
+        if not others or not common:
+            out[k] = None
+            continue
+        own = np.array([values[list(rounds).index(r)] for r in common])
+        peer = np.array([[o[1][list(o[0]).index(r)] for r in common] for o in others])
+        out[k] = rank_sum_test(own, peer, common, "high", statistic)
+    return out
+
+
+def label_gap_tests(rows: Sequence[Mapping[str, Any]]) -> dict[int, RankTest | None]:
+    """:func:`label_tests` of the ``label_gap``."""
+    return label_tests(rows, "label_gap")
+
+
+def _num(v: object) -> float:
+    try:
+        x = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+    return x if np.isfinite(x) else float("nan")
+
+
+__all__ = [
+    "LABEL_STATISTICS",
+    "RankTest",
+    "client_series",
+    "label_gap",
+    "label_gap_tests",
+    "label_tests",
+    "rank_sum_band",
+    "rank_sum_pvalue",
+    "rank_sum_test",
+]

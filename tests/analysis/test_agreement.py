@@ -1,0 +1,89 @@
+"""Rank-sum tests and label agreement (fedsim.analysis.agreement), checked against enumeration
+and hand-made metrics rows."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fedsim.analysis.agreement import label_gap, label_gap_tests, outlier_in_last_round, rank_sum_band, rank_sum_pvalue, rank_sum_test
+
+
+@pytest.mark.parametrize(("clients", "rounds"), [(2, 5), (3, 4), (4, 3)])
+def test_rank_sum_pvalue_and_band_match_enumeration(clients, rounds):
+    sums = np.array([sum(c) for c in itertools.product(range(1, clients + 1), repeat=rounds)])
+    for s in range(rounds, clients * rounds + 1):
+        assert rank_sum_pvalue(s, clients, rounds) == pytest.approx(np.mean(sums >= s))
+    assert rank_sum_pvalue(rounds - 3, clients, rounds) == 1.0
+    assert rank_sum_pvalue(clients * rounds + 1, clients, rounds) == 0.0
+    lo, hi = rank_sum_band(clients, rounds, coverage=0.8)
+    assert np.mean(sums < lo) <= 0.1 < np.mean(sums <= lo)
+    assert np.mean(sums > hi) <= 0.1 < np.mean(sums >= hi)
+
+
+def test_rank_sum_pvalue_refuses_degenerate_input():
+    with pytest.raises(ValueError, match="2 clients"):
+        rank_sum_pvalue(3, 1, 3)
+
+
+def test_rank_sum_test_by_hand():
+    t = rank_sum_test([3.0, 3.0, 3.0], [[1.0, 2.0, 1.0], [2.0, 1.0, 2.0]])
+    assert t is not None
+    np.testing.assert_array_equal(t.ranks, [3, 3, 3])
+    assert t.rank_sum == 9 and t.top_rounds == 3 and t.p_value == pytest.approx((1 / 3) ** 3)
+    # "low": the smallest value gets the top rank
+    low = rank_sum_test([0.1, 0.5], [[0.2, 0.4]], direction="low")
+    assert low is not None
+    np.testing.assert_array_equal(low.ranks, [2, 1])
+    np.testing.assert_array_equal(low.own, [0.1, 0.5])
+    # ties count half; rounds with a non-finite value are left out
+    tie = rank_sum_test([1.0, 1.0, np.nan], [[1.0, 0.0, 0.0]], rounds=[4, 5, 6])
+    assert tie is not None
+    np.testing.assert_array_equal(tie.ranks, [1.5, 2])
+    np.testing.assert_array_equal(tie.rounds, [4, 5])
+    assert tie.p_value == pytest.approx(0.25)  # P(S >= 4) for two rounds of two clients
+    assert rank_sum_test([np.nan], [[1.0]]) is None
+    assert rank_sum_test([1.0], np.empty((0, 1))) is None
+    with pytest.raises(ValueError, match="direction"):
+        rank_sum_test([1.0], [[0.0]], direction="up")
+
+
+def _rows(train_losses: dict[int, list[float | None]], test_losses: dict[int, list[float]]) -> list[dict]:
+    rounds = len(next(iter(train_losses.values())))
+    return [
+        {"round": r + 1, "clients": [{"client": k, "train_loss": train_losses[k][r], "test_loss": test_losses[k][r]} for k in train_losses]}
+        for r in range(rounds)
+    ]
+
+
+def test_label_gap_and_its_test_find_the_client_with_disagreeing_labels():
+    train = {0: [1.2, 1.1, 1.0, 0.9], 1: [1.3, 1.3, 1.35, 1.3], 2: [1.25, 1.05, 0.95, None]}
+    test = {0: [1.2, 1.15, 1.1, 1.0], 1: [1.2, 1.15, 1.1, 1.05], 2: [1.2, 1.1, 1.0, 1.0]}
+    gaps = label_gap(_rows(train, test))
+    np.testing.assert_allclose(gaps[1][1], [0.1, 0.15, 0.25, 0.25])
+    assert np.isnan(gaps[2][1][3])  # a missing loss is NaN, not 0
+    tests = label_gap_tests(_rows(train, test))
+    t1 = tests[1]
+    assert t1 is not None and t1.statistic == "label_gap"
+    # round 4 is left out (client 2 has no train loss); client 1 has the highest gap in rounds 1-3
+    np.testing.assert_array_equal(t1.rounds, [1, 2, 3])
+    assert t1.rank_sum == 9 and t1.p_value == pytest.approx((1 / 3) ** 3)
+    t0 = tests[0]
+    assert t0 is not None and t0.p_value > 0.5
+
+
+def test_last_round_outlier_guard_by_hand():
+    # last round: 1.36 vs others 1.15 and 1.10: 0.21 above the largest, the others 0.05 apart
+    t = rank_sum_test([1.3, 1.36], [[1.2, 1.15], [1.2, 1.10]])
+    assert t is not None and outlier_in_last_round(t)
+    # a persistent but small lead: 1.16 vs 1.15 / 1.10 is not further from them than they are apart
+    small = rank_sum_test([1.3, 1.16], [[1.2, 1.15], [1.2, 1.10]])
+    assert small is not None and not outlier_in_last_round(small)
+    # "low" mirrors it: 0.01 below 0.05 / 0.06 by 0.04 > 0.01
+    low = rank_sum_test([0.01], [[0.05], [0.06]], direction="low")
+    assert low is not None and outlier_in_last_round(low)
+    # with one peer there is no spread to compare with
+    one = rank_sum_test([5.0], [[1.0]])
+    assert one is not None and not outlier_in_last_round(one)

@@ -51,15 +51,20 @@ def plateau_round(losses: list[float], tail: int = 3) -> int:
     return len(x)
 
 
-def run(name: str, cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run(name: str, cfg: RunConfig, out: Path, reanalyze: bool = False) -> dict[str, Any]:
     run_dir = out / name
-    if not (run_dir / "analysis" / "summary.json").exists():
+    trained = (run_dir / "metrics.jsonl").exists() and len(RunDir(run_dir).read_metrics()) == cfg.rounds
+    if not trained:
         resolved = resolve_config(cfg.__class__(**{**cfg.__dict__, "out": str(run_dir), "cme": True}))
         t0 = time.perf_counter()
         with quiet_logs():
             run_server(InProcessGrid(app, resolved.clients, num_threads=1), resolved)
+        print(f"{name}: trained in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    if reanalyze or not trained or not (run_dir / "analysis" / "summary.json").exists():
+        t0 = time.perf_counter()
+        with quiet_logs():
             analyze_run(run_dir)
-        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        print(f"{name}: analysed in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
     rows = RunDir(run_dir).read_metrics()
     clients = []
@@ -73,6 +78,7 @@ def run(name: str, cfg: RunConfig, out: Path) -> dict[str, Any]:
                 "verdict": c["verdict"],
                 "similarity": c["statistics"]["similarity"][1:],
                 "null_upper": [b[1] for b in c["statistics"]["similarity_band"][1:]],
+                "ceiling_lower": [b[0] for b in c["statistics"].get("ceiling_band", [[None, None]] * len(rows))[1:]],
             }
         )
     return {"name": name, "clients": clients, "rounds": len(rows)}
@@ -85,16 +91,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--decay", type=float, default=0.6, help="lr-decay per federation epoch of the lr-to-zero runs")
     ap.add_argument("--shift-round", type=int, default=6)
+    ap.add_argument("--reanalyze", action="store_true", help="analyse finished runs again (after the analysis changed; no retraining)")
     args = ap.parse_args()
     base = {"profile": "tiny", "models": ("small_cnn",) * 3, "rounds": args.rounds, "local_epochs": 2, "image_size": 32, "num_samples": 600}
     results: dict[str, list[dict[str, Any]]] = {"lr-to-zero": [], "shift": [], "normal": []}
     for s in range(args.seeds):
         cfg = RunConfig(seed=s, task_options=(("lr-decay", str(args.decay)),), **base)
-        results["lr-to-zero"].append(run(f"lr-to-zero-s{s}", cfg, args.out))
+        results["lr-to-zero"].append(run(f"lr-to-zero-s{s}", cfg, args.out, args.reanalyze))
         cfg = RunConfig(seed=s, site_styles=True, task_options=(("shift-round", str(args.shift_round)),), **base)
-        results["shift"].append(run(f"shift-s{s}", cfg, args.out))
+        results["shift"].append(run(f"shift-s{s}", cfg, args.out, args.reanalyze))
     for s in range(args.seeds + 2):
-        results["normal"].append(run(f"normal-s{s}", RunConfig(seed=s, **base), args.out))
+        results["normal"].append(run(f"normal-s{s}", RunConfig(seed=s, **base), args.out, args.reanalyze))
 
     def sats(kind: str) -> list[int | None]:
         return [c["saturation_round"] for r in results[kind] for c in r["clients"]]
@@ -123,6 +130,15 @@ def main() -> int:
             round(min(u for r in results["normal"] for c in r["clients"] for u in c["null_upper"] if u is not None), 3),
             round(max(u for r in results["normal"] for c in r["clients"] for u in c["null_upper"] if u is not None), 3),
         ],
+        "ceiling_lower_range": {
+            k: [
+                round(float(q), 2)
+                for q in np.quantile(
+                    [u for r in results[k] for c in r["clients"] for u in c["ceiling_lower"] if u is not None], [0, 0.5, 1]
+                )
+            ]
+            for k in results
+        },
         "settings": {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in base.items()},
             "decay": args.decay,
@@ -157,7 +173,10 @@ def main() -> int:
         f"Consecutive-map similarity (off the diagonal), min / median / max over clients, rounds {late[0]}-{late[1]}: "
         + "; ".join(f"{k} {v}" for k, v in summary["similarity_late_rounds"].items())
         + f". Shift runs before the shift {summary['similarity_before_shift']}, from it {summary['similarity_from_shift']}."
-        + f" Upper edge of the permutation null band (normal runs): {summary['null_upper_range']}.",
+        + f" Upper edge of the permutation null band (normal runs): {summary['null_upper_range']}."
+        + " Lower edge of the noise ceiling (min / median / max): "
+        + "; ".join(f"{k} {v}" for k, v in summary["ceiling_lower_range"].items())
+        + ".",
     ]
     (args.out / "saturation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

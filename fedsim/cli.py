@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--similarity",
         type=float,
         default=SIMILARITY_THRESHOLD,
-        help="off-diagonal map similarity counted as unchanged, for the saturation round (default: %(default)s)",
+        help="optional extra floor for the saturation round's map similarity, on top of the permutation null and the noise ceiling (default: %(default)s, none)",
     )
     an.add_argument(
         "--patience",

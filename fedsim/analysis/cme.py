@@ -225,7 +225,7 @@ def saturation_round(
     for j in range(len(sims) - patience + 1):
         window, lim = sims[j : j + patience], floor[j : j + patience]
         if np.all(np.isfinite(window)) and np.all(window >= lim):
-            return rounds[j]
+            return int(rounds[j])
     return None
 
 
@@ -608,8 +608,9 @@ def decide_verdict(
     2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
        ACF needs two epochs per round, its change two rounds), or no noise band could be computed.
     3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
-       nothing); or, with peers, its head CME magnitude ranks lowest among the clients more often
-       than chance allows (:func:`magnitude_rank_test`); or, given ``labels`` (the
+       nothing); or, with peers *of the same model*, its head CME magnitude ranks lowest among
+       them more often than chance allows (:func:`magnitude_rank_test`; across architectures head
+       magnitudes differ systematically); or, given ``labels`` (the
        :func:`~fedsim.analysis.agreement.label_gap_tests` result from ``metrics.jsonl``), its
        training labels disagree with its own model more than the other clients' do. Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
@@ -659,8 +660,12 @@ def decide_verdict(
     if np.all(np.nan_to_num(mag) == 0):
         return Verdict(WEAK, "magnitude", 0.0, None, "no head weight changed in any round: the client contributes nothing")
     alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
-    if others:
-        test = magnitude_rank_test(s, others)
+    # "lowest magnitude" is judged only against clients of the same architecture: across
+    # architectures head magnitudes differ systematically (docs/cme-validation.md: in mixed
+    # federations that comparison flagged healthy clients), so without a same-model peer it is not made
+    same_model = [p for p in others if p.model == s.model]
+    if same_model:
+        test = magnitude_rank_test(s, same_model)
         if test is not None and test.p_value <= alpha and outlier_in_last_round(test):
             own, peer_med = float(np.median(test.own)), np.median(test.peers, axis=1)
             return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),

@@ -233,12 +233,16 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
                 f"and non-finite values left out) from the {st['cov_map_epoch']}. Every client gets one verdict: "
                 "**diverged** (non-finite or exploding weights/CMEs), **undetermined** (too little data; the reason says what is "
                 f"missing: >= {st['min_rounds']} rounds with >= {st['min_epochs']} local epochs are needed), **weak** (its head "
-                "changes less than every other client's in every round, or not at all), **learning** (its head ACF varies between "
-                "rounds more than sampling noise explains) or **dominant** (a stable head ACF). "
+                "CME magnitude is the lowest among the clients of its model, or its train loss on its own labels the highest of all "
+                "clients, more often than chance allows for alike clients, and it is an outlier in the last round; or its head did "
+                "not change at all), **learning** (its head ACF varies between rounds more than sampling noise explains) or "
+                "**dominant** (a stable head ACF); docs/cme-validation.md measures how often each is right. "
                 f"Null bands are the {lo:g}-{hi:g} % quantiles of {st['null_samples']} seeded draws computed on this run "
-                "(ACF: jackknife noise of the ACF if it did not change; map similarity: the next map with its neurons shuffled). "
-                f"**Saturation round**: the first round from which the next {st['patience']} maps are each at least "
-                f"{st['similarity_threshold']}-similar (Pearson, off the diagonal) to their predecessor and above the null band."
+                "(ACF: jackknife noise of the ACF if it did not change; map similarity: the next map with its neurons shuffled; "
+                "weak: the rank sum's exact distribution for alike clients). "
+                f"**Saturation round**: the first round from which the next {st['patience']} maps are each similar (Pearson, off the "
+                "diagonal) to their predecessor above the permutation null band and at least at the noise ceiling (two bootstrap "
+                "re-estimates of one map)" + (f" and at least {st['similarity_threshold']:g}." if st["similarity_threshold"] > -1 else ".")
             ),
             "",
             f"| client | model | verdict | statistic | value | null band | reason | saturation round | share in dead units | final test {m} |",

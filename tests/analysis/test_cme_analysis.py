@@ -1,6 +1,7 @@
 """Eq. 3 against numpy.cov (also on the valid entries only), eq. 4 against a direct computation,
 the null references against independent computations, saturation, and the verdict rule."""
 
+import dataclasses
 from statistics import NormalDist
 
 import numpy as np
@@ -206,7 +207,8 @@ def test_saturation_with_the_calibrated_references_and_no_fixed_threshold(rng):
     maps = [covariance_map(c) for c in cmes]
     ceiling = ceiling_bands(cmes, samples=40, seed=0)
     null = similarity_bands(maps, samples=50)
-    assert saturation_round(maps, null_upper=null[:, 1], ceiling_lower=ceiling[:, 0]) == 5
+    sat = saturation_round(maps, rounds=np.arange(1, 9), null_upper=null[:, 1], ceiling_lower=ceiling[:, 0])
+    assert sat == 5 and type(sat) is int  # a plain int: it goes into summary.json
     # the changing pairs sit below the ceiling's lower edge, the stable ones at or above it
     sims = consecutive_similarities(maps)
     assert np.all(sims[:3] < ceiling[:3, 0]) and np.all(sims[4:] >= ceiling[4:, 0])
@@ -312,6 +314,9 @@ def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
     assert decide_verdict(almost, peers).verdict == LEARNING
     # two clients, 4 rounds: even always lowest has p = 1/16 > 0.025
     assert decide_verdict(weak, peers[:1]).verdict == LEARNING
+    # magnitudes of other architectures are not compared
+    other_arch = [dataclasses.replace(p, model="other") for p in peers]
+    assert decide_verdict(weak, other_arch).verdict == LEARNING
     # nothing changed at all: weak without any peer
     v = decide_verdict(make_stats(magnitude=0.0))
     assert v.verdict == WEAK and "contributes nothing" in v.reason

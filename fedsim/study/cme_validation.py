@@ -125,8 +125,9 @@ ALL_FAULTS = tuple((kind, level) for kind, levels in FAULT_LEVELS.items() for le
 SIZES: dict[str, StudySize] = {
     "tiny": StudySize("tiny", seeds=(0, 1), faults=(("few-data", 0.1),), rounds=3, num_samples=120, null_samples=50),
     # 1200 images / 8 rounds: the smallest size at which the clients learn the synthetic task
-    # clearly above chance (global accuracy ~0.45-0.5 vs 0.25; at 600 images / 5 rounds it was
-    # ~0.3, too close to chance for a label-noise fault to change anything; docs/cme-validation.md)
+    # clearly above chance (fault-free same-model global accuracy 0.36-0.49 vs 0.25; at 600 images /
+    # 5 rounds local accuracies were ~0.3, too close to chance for label noise to change anything;
+    # docs/cme-validation.md)
     "default": StudySize("default", seeds=tuple(range(10)), faults=ALL_FAULTS, rounds=8, num_samples=1200),
 }
 

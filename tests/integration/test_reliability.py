@@ -58,7 +58,9 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, task_identity)
     assert rc == 130 and took < 15, (rc, took, text[-3000:])
     last = text.strip().splitlines()[-1]
     assert last == f"fedsim: stopped by SIGINT; round 1 is saved in {out} (checkpoint of round 1); continue with: fedsim run --resume {out}"
-    assert "Traceback" not in text
+    # the interrupt itself leaves no traceback (Flower's own log may still show the injected crash
+    # of round 2, with its remote traceback, when that round had started: not the driver's exit)
+    assert "KeyboardInterrupt" not in text
     deadline = time.monotonic() + 10
     while _ray_processes(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -6,18 +6,17 @@ What does separate it is how well its *own* training labels agree with the model
 half of its labels replaced by other classes, its training loss stays high although its held-out
 loss (a clean test split) does not. So the verdict also uses the run's ``metrics.jsonl``:
 
-* :func:`label_gap`: per client and round, ``train_loss - test_loss`` (the loss on the client's
-  training labels minus the loss on its held-out split, both from the same model and round). A
-  model fits its own training data at least as well as unseen data, so the gap of a healthy client
-  is <= ~0; labels that contradict what the model learns make it positive. It is a difference of
-  two numbers of the same model, so it compares clients with different architectures.
+* :func:`client_series`: per client and round, its ``train_loss`` on its own training labels (used
+  by the verdict: in the study it separates label-noise clients with AUROC 1.00), or ``label_gap``
+  = ``train_loss - test_loss`` (a candidate: comparable across architectures, but weaker, because
+  the held-out loss of a small test split is noisy).
 * :func:`rank_sum_test`: the null is that clients are exchangeable: in every round each client's
   rank among the ``K`` clients is uniform on ``1..K``, independently across rounds. The rank sum
   over ``R`` rounds then has an exact distribution (the ``R``-fold convolution of the uniform
   distribution), and its upper tail is the p-value of "this client is at the top more often than
-  chance". Used for the CME magnitude (lowest = weak contribution) and the label gap (highest =
+  chance". Used for the CME magnitude (lowest = weak contribution) and the train loss (highest =
   disagreeing labels), each at half the verdict's one-sided level, so the two ``weak`` tests
-  together keep the level.
+  together keep the level; :func:`outlier_in_last_round` is their effect-size guard.
 """
 
 from __future__ import annotations
@@ -148,11 +147,6 @@ def outlier_in_last_round(test: RankTest) -> bool:
     return x - hi > hi - lo if test.direction == "high" else lo - x > hi - lo
 
 
-def label_gap(rows: Sequence[Mapping[str, Any]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``{client: (rounds, train_loss - test_loss)}`` (:func:`client_series`)."""
-    return client_series(rows, "label_gap")
-
-
 def label_tests(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss") -> dict[int, RankTest | None]:
     """:func:`rank_sum_test` (``high``) of every client's per-round ``statistic``
     (:func:`client_series`) against the other clients', over the rounds all of them report."""
@@ -170,11 +164,6 @@ def label_tests(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss"
     return out
 
 
-def label_gap_tests(rows: Sequence[Mapping[str, Any]]) -> dict[int, RankTest | None]:
-    """:func:`label_tests` of the ``label_gap``."""
-    return label_tests(rows, "label_gap")
-
-
 def _num(v: object) -> float:
     try:
         x = float(v)  # type: ignore[arg-type]
@@ -187,9 +176,8 @@ __all__ = [
     "LABEL_STATISTICS",
     "RankTest",
     "client_series",
-    "label_gap",
-    "label_gap_tests",
     "label_tests",
+    "outlier_in_last_round",
     "rank_sum_band",
     "rank_sum_pvalue",
     "rank_sum_test",

@@ -611,7 +611,7 @@ def decide_verdict(
        nothing); or, with peers *of the same model*, its head CME magnitude ranks lowest among
        them more often than chance allows (:func:`magnitude_rank_test`; across architectures head
        magnitudes differ systematically); or, given ``labels`` (the
-       :func:`~fedsim.analysis.agreement.label_gap_tests` result from ``metrics.jsonl``), its
+       :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``), its
        training labels disagree with its own model more than the other clients' do. Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an

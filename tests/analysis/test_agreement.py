@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedsim.analysis.agreement import label_gap, label_gap_tests, outlier_in_last_round, rank_sum_band, rank_sum_pvalue, rank_sum_test
+from fedsim.analysis.agreement import client_series, label_tests, outlier_in_last_round, rank_sum_band, rank_sum_pvalue, rank_sum_test
 
 
 @pytest.mark.parametrize(("clients", "rounds"), [(2, 5), (3, 4), (4, 3)])
@@ -61,10 +61,10 @@ def _rows(train_losses: dict[int, list[float | None]], test_losses: dict[int, li
 def test_label_gap_and_its_test_find_the_client_with_disagreeing_labels():
     train = {0: [1.2, 1.1, 1.0, 0.9], 1: [1.3, 1.3, 1.35, 1.3], 2: [1.25, 1.05, 0.95, None]}
     test = {0: [1.2, 1.15, 1.1, 1.0], 1: [1.2, 1.15, 1.1, 1.05], 2: [1.2, 1.1, 1.0, 1.0]}
-    gaps = label_gap(_rows(train, test))
+    gaps = client_series(_rows(train, test), "label_gap")
     np.testing.assert_allclose(gaps[1][1], [0.1, 0.15, 0.25, 0.25])
     assert np.isnan(gaps[2][1][3])  # a missing loss is NaN, not 0
-    tests = label_gap_tests(_rows(train, test))
+    tests = label_tests(_rows(train, test), "label_gap")
     t1 = tests[1]
     assert t1 is not None and t1.statistic == "label_gap"
     # round 4 is left out (client 2 has no train loss); client 1 has the highest gap in rounds 1-3

@@ -85,6 +85,19 @@ def _resample(volume: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
+def _random_window(rng: np.random.Generator, n: int, c: int, coords: np.ndarray) -> int:
+    """Start of a random window of ``c`` voxels on an axis of ``n > c`` voxels that keeps every
+    present landmark coordinate (``coords``) inside it; uniform if none is present; centred on them
+    if they span more than the window."""
+    if len(coords) == 0:
+        return int(rng.integers(0, n - c + 1))
+    lo_p, hi_p = coords.min(), coords.max()
+    lo, hi = max(0, int(np.ceil(hi_p - (c - 1)))), min(n - c, int(np.floor(lo_p)))
+    if lo <= hi:
+        return int(rng.integers(lo, hi + 1))
+    return int(np.clip(round(0.5 * (lo_p + hi_p) - 0.5 * (c - 1)), 0, n - c))
+
+
 def prepare_case(
     volume: np.ndarray,
     landmarks: np.ndarray,
@@ -116,15 +129,8 @@ def prepare_case(
         else:  # crop: a window [s, s + c)
             if rng is None:
                 s = (n - c) // 2
-            elif len(present) == 0:
-                s = int(rng.integers(0, n - c + 1))
             else:
-                lo_p, hi_p = present[:, i].min(), present[:, i].max()
-                lo, hi = max(0, int(np.ceil(hi_p - (c - 1)))), min(n - c, int(np.floor(lo_p)))
-                if lo <= hi:
-                    s = int(rng.integers(lo, hi + 1))
-                else:  # the landmarks span more than the crop: centre it on them
-                    s = int(np.clip(round(0.5 * (lo_p + hi_p) - 0.5 * (c - 1)), 0, n - c))
+                s = _random_window(rng, n, c, present[:, i])
             src.append(slice(s, s + c))
             dst.append(slice(0, c))
             offset[i] = -s
@@ -244,12 +250,8 @@ def prepare_native(
             continue
         if rng is None:
             s = int(np.clip(round(ctr_z[i] - 0.5 * (c - 1)), 0, n - c))
-        elif len(present) == 0:
-            s = int(rng.integers(0, n - c + 1))
         else:
-            lo_p, hi_p = present[:, i].min(), present[:, i].max()
-            lo, hi = max(0, int(np.ceil(hi_p - (c - 1)))), min(n - c, int(np.floor(lo_p)))
-            s = int(rng.integers(lo, hi + 1)) if lo <= hi else int(np.clip(round(0.5 * (lo_p + hi_p) - 0.5 * (c - 1)), 0, n - c))
+            s = _random_window(rng, n, c, present[:, i])
         src.append(slice(s, s + c))
         dst.append(slice(0, c))
         offset[i] = -s

@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/cme-validation", help="output folder; an interrupted study there is resumed")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the size's)")
     p.add_argument("--loo", choices=cv.LOO_MODES, help="leave-one-out runs (default: the size's, 'faulty')")
+    p.add_argument(
+        "--faults",
+        help="only these fault conditions, e.g. few-data:0.1,label-noise:0.5 (default: the size's); a later run with more "
+        "conditions in the same --out reuses the finished federations",
+    )
+    p.add_argument("--styles", help=f"only these scenario styles, comma-separated ({', '.join(cv.STYLES)}; default: both)")
     p.add_argument("--workers", type=int, help="parallel processes (default: CPUs / threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     p.add_argument("--no-keep-cme", action="store_true", help="delete each run's CME archive once its statistics are read")
@@ -114,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measured, indent=2))
         return 0
     size = cv.size_for(args.size, args.seeds, args.loo)
+    try:
+        if args.faults:
+            size = dataclasses.replace(size, faults=cv.parse_faults(args.faults))
+        if args.styles:
+            size = dataclasses.replace(size, styles=tuple(s.strip() for s in args.styles.split(",") if s.strip()))
+    except ValueError as e:
+        p.error(str(e))
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
     plan = cv.plan_study(size)
     cpu = cv.estimate_cpu_seconds(plan)

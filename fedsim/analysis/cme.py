@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.analysis.agreement import RankTest, label_tests, outlier_in_last_round, rank_sum_test
+from fedsim.analysis.agreement import RankTest, clear_outlier, label_tests, rank_sum_test
 from fedsim.cme.archive import CMEArchive, RoundCME
 from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS
 
@@ -61,6 +61,11 @@ LABEL_STATISTIC = "train_loss"
 #: A verdict other than ``diverged`` needs this many rounds with this many local epochs.
 MIN_ROUNDS = 3
 MIN_EPOCHS = 2
+#: Other clients *of the same model* that a client's contribution is judged against (``weak`` and the
+#: relative ``diverged`` rule). Two, because the null of those tests is the gap between the other
+#: clients themselves; across architectures head magnitudes, jump fractions and training losses
+#: differ systematically, so they are never compared (docs/cme-validation.md).
+MIN_SAME_MODEL_PEERS = 2
 
 WEAK, DOMINANT, LEARNING, DIVERGED, UNDETERMINED = "weak", "dominant", "learning", "diverged", "undetermined"
 #: The fixed verdict vocabulary of ``fedsim analyze``.
@@ -601,22 +606,27 @@ def decide_verdict(
 
     1. ``diverged``: a weight or CME of any layer is non-finite in some round, or the head is
        *exploding*: in some epoch more than :data:`EXPLODING_JUMP_FRACTION` of its valid weights
-       moved by more than their own size (median ``|C|`` > 1), or, with peers, in some round both
-       its head CME magnitude and its jump fraction exceed every other client's by more than
-       the gap between the other clients themselves (:func:`exploding_round`; the null is the
-       run's own spread between clients, measured on the clients that are not under test).
+       moved by more than their own size (median ``|C|`` > 1), or, with peers of the same model,
+       in some round both its head CME magnitude and its jump fraction exceed every such peer's
+       by more than the gap between those peers themselves (:func:`exploding_round`; the null is
+       the run's own spread between clients, measured on the clients that are not under test).
     2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
-       ACF needs two epochs per round, its change two rounds), or no noise band could be computed.
+       ACF needs two epochs per round, its change two rounds), or fewer than
+       :data:`MIN_SAME_MODEL_PEERS` other clients with the same model (a contribution can only be
+       judged against clients of the same architecture: in the study, comparing across
+       architectures called healthy AlexNet-skip clients ``diverged`` in 6 of 10 fault-free mixed
+       runs and missed every few-data client), or no noise band could be computed.
     3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
-       nothing); or, with peers *of the same model*, its head CME magnitude ranks lowest among
-       them more often than chance allows (:func:`magnitude_rank_test`; across architectures head
-       magnitudes differ systematically); or, given ``labels`` (the
-       :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``), its
-       training labels disagree with its own model more than the other clients' do. Null for both:
+       nothing); or its head CME magnitude ranks lowest among its same-model peers more often than
+       chance allows (:func:`magnitude_rank_test`); or, given ``labels`` (the
+       :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``, also among
+       same-model clients), its training labels disagree with its own model more than the other
+       clients' do. Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an
-       effect-size guard that only makes them more conservative, the client must be an outlier in
-       the last round (:func:`~fedsim.analysis.agreement.outlier_in_last_round`) -- the sec. 3.2
+       effect-size guard that only makes them more conservative, the client must be an outlier both
+       in the last round and in its median over the rounds
+       (:func:`~fedsim.analysis.agreement.clear_outlier`) -- the sec. 3.2
        reading "minimal contribution", extended to wrong labels (docs/cme-validation.md: no CME
        statistic detects those).
     4. ``learning``: the head ACF variation is above the upper edge of its noise band (the ACF
@@ -640,11 +650,12 @@ def decide_verdict(
                        f"their own size in one local epoch (limit {EXPLODING_JUMP_FRACTION:.0%})")  # fmt: skip
 
     others = [p for p in peers if p.client != s.client]
-    hit = exploding_round(s, others)
+    same_model = [p for p in others if p.model == s.model]
+    hit = exploding_round(s, same_model)
     if hit is not None:
         r, excess, gap = hit
         return Verdict(DIVERGED, "magnitude_excess", excess, (-gap, gap),
-                       f"exploding: in round {r} its head CME magnitude is {np.exp(excess):.3g}x the largest other client's "
+                       f"exploding: in round {r} its head CME magnitude is {np.exp(excess):.3g}x the largest other {s.model} client's "
                        f"(log excess {excess:.2f} beyond the others' own gap {gap:.2f}), and so is its jump fraction")  # fmt: skip
 
     usable = int((s.epochs >= min_epochs).sum())
@@ -659,30 +670,32 @@ def decide_verdict(
     mag = s.magnitude
     if np.all(np.nan_to_num(mag) == 0):
         return Verdict(WEAK, "magnitude", 0.0, None, "no head weight changed in any round: the client contributes nothing")
+    v = s.acf_variation_head
+    if len(same_model) < MIN_SAME_MODEL_PEERS:
+        acf = ""
+        if np.isfinite(v) and np.isfinite(vband[1]):
+            acf = f"; its head ACF variation {_fmt(v)} is {'above' if v > vband[1] else 'within'} its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]"
+        return Verdict(UNDETERMINED, "same_model_peers", float(len(same_model)), None,
+                       f"needs >= {MIN_SAME_MODEL_PEERS} other clients with the same model ({s.model}) to judge its contribution, "
+                       f"has {len(same_model)} (architectures differ systematically in head magnitude and training loss){acf}")  # fmt: skip
     alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
-    # "lowest magnitude" is judged only against clients of the same architecture: across
-    # architectures head magnitudes differ systematically (docs/cme-validation.md: in mixed
-    # federations that comparison flagged healthy clients), so without a same-model peer it is not made
-    same_model = [p for p in others if p.model == s.model]
-    if same_model:
-        test = magnitude_rank_test(s, same_model)
-        if test is not None and test.p_value <= alpha and outlier_in_last_round(test):
-            own, peer_med = float(np.median(test.own)), np.median(test.peers, axis=1)
-            return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),
-                           f"head CME magnitude {_fmt(own)} (median) lowest of {test.clients} clients in {test.top_rounds} of "
-                           f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
-                           f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round further below "
-                           "the others than they are apart")  # fmt: skip
-    if labels is not None and labels.p_value <= alpha and outlier_in_last_round(labels):
+    test = magnitude_rank_test(s, same_model)
+    if test is not None and test.p_value <= alpha and clear_outlier(test):
+        own, peer_med = float(np.median(test.own)), np.median(test.peers, axis=1)
+        return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),
+                       f"head CME magnitude {_fmt(own)} (median) lowest of {test.clients} clients in {test.top_rounds} of "
+                       f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
+                       f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round and over the run "
+                       "further below the others than they are apart")  # fmt: skip
+    if labels is not None and labels.p_value <= alpha and clear_outlier(labels):
         gap, peer_med = float(np.median(labels.own)), np.median(labels.peers, axis=1)
         what = "train loss" if labels.statistic == "train_loss" else "train loss - test loss"
         return Verdict(WEAK, f"{labels.statistic}_rank_sum", labels.rank_sum, labels.band(coverage),
                        f"its training labels disagree with its model: {what} {_fmt(gap)} (median) highest of "
                        f"{labels.clients} clients in {labels.top_rounds} of {len(labels.ranks)} rounds (others "
                        f"{_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); rank-sum p = {labels.p_value:.2g} "
-                       f"<= {alpha:.3g} if clients were alike; in the last round further above the others than they are apart")  # fmt: skip
+                       f"<= {alpha:.3g} if clients were alike; in the last round and over the run further above the others than they are apart")  # fmt: skip
 
-    v = s.acf_variation_head
     if not (np.isfinite(v) and np.isfinite(vband[1])):
         return Verdict(UNDETERMINED, "acf_variation_head", v if np.isfinite(v) else None, None,
                        "no noise band for the head ACF variation (the archive lacks the ACF's group terms or valid head elements)")  # fmt: skip

@@ -103,6 +103,9 @@ class StudySize:
     faults: tuple[tuple[str, float], ...]
     styles: tuple[str, ...] = tuple(STYLES)
     clients: int = 3
+    #: clients of ``mixed`` federations: the models alternate, so 6 gives every client two peers of its
+    #: own model (:data:`fedsim.analysis.cme.MIN_SAME_MODEL_PEERS`); ``num_samples`` grows with it
+    mixed_clients: int = 6
     rounds: int = 5
     local_epochs: int = 2
     image_size: int = 32
@@ -111,6 +114,15 @@ class StudySize:
     profile: str = "tiny"
     loo: str = "faulty"
     null_samples: int | None = None  # draws behind the CME null bands; None: fedsim analyze's default
+
+    def clients_for(self, style: str) -> int:
+        """Clients of a federation of ``style``."""
+        return self.mixed_clients if style == "mixed" else self.clients
+
+    def samples_for(self, style: str) -> int:
+        """Images of a federation of ``style``: ``num_samples`` is for ``clients`` clients, so every
+        client of every style holds the same share."""
+        return self.num_samples * self.clients_for(style) // self.clients
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.styles if s not in STYLES]
@@ -124,7 +136,7 @@ class StudySize:
 
 ALL_FAULTS = tuple((kind, level) for kind, levels in FAULT_LEVELS.items() for level in levels)
 SIZES: dict[str, StudySize] = {
-    "tiny": StudySize("tiny", seeds=(0, 1), faults=(("few-data", 0.1),), rounds=3, num_samples=120, null_samples=50),
+    "tiny": StudySize("tiny", seeds=(0, 1), faults=(("few-data", 0.1),), rounds=3, num_samples=120, mixed_clients=4, null_samples=50),
     # 1200 images / 8 rounds: the smallest size at which the clients learn the synthetic task
     # clearly above chance (fault-free same-model global accuracy 0.36-0.49 vs 0.25; at 600 images /
     # 5 rounds local accuracies were ~0.3, too close to chance for label noise to change anything;
@@ -141,6 +153,21 @@ def size_for(name: str, seeds: int | None = None, loo: str | None = None) -> Stu
     if loo:
         size = dataclasses.replace(size, loo=loo)
     return size
+
+
+def parse_faults(text: str) -> tuple[tuple[str, float], ...]:
+    """``"few-data:0.1,label-noise:0.5"`` -> ``(("few-data", 0.1), ("label-noise", 0.5))``: a subset of
+    the study's fault conditions (kinds of :data:`FAULT_LEVELS`, any level)."""
+    out: list[tuple[str, float]] = []
+    for item in (t.strip() for t in text.split(",")):
+        kind, _, level = item.partition(":")
+        if kind not in FAULT_LEVELS:
+            raise ValueError(f"unknown fault kind {kind!r} in {item!r}; valid: {', '.join(FAULT_LEVELS)}")
+        try:
+            out.append((kind, float(level)))
+        except ValueError:
+            raise ValueError(f"fault condition {item!r} needs KIND:LEVEL with a number, e.g. {kind}:{FAULT_LEVELS[kind][0]:g}") from None
+    return tuple(out)
 
 
 def with_fault(cfg: RunConfig, spec: str) -> RunConfig:
@@ -169,18 +196,19 @@ class Condition:
 
     def config(self, size: StudySize) -> RunConfig:
         scenario, models, partition = STYLES[self.style]
+        n = size.clients_for(self.style)
         cfg = RunConfig(
             scenario=scenario,
             profile=size.profile,
             rounds=size.rounds,
             local_epochs=size.local_epochs,
-            clients=size.clients,
+            clients=n,
             partition=partition,
             seed=self.seed,
             image_size=size.image_size,
-            num_samples=size.num_samples,
+            num_samples=size.samples_for(self.style),
             batch_size=size.batch_size,
-            models=tuple(models[k % len(models)] for k in range(size.clients)),
+            models=tuple(models[k % len(models)] for k in range(n)),
             server_model=SERVER_MODEL,
             client_cpus=1.0,
         )
@@ -204,7 +232,8 @@ def plan_study(size: StudySize) -> Plan:
     for style in size.styles:
         for seed in size.seeds:
             conditions.append(Condition(style, seed))
-            conditions += [Condition(style, seed, kind, level, seed % size.clients) for kind, level in size.faults]
+            n = size.clients_for(style)
+            conditions += [Condition(style, seed, kind, level, seed % n) for kind, level in size.faults]
     jobs: dict[str, FederationJob] = {}
     main: dict[str, str] = {}
     loo: dict[tuple[str, int], str] = {}
@@ -215,7 +244,7 @@ def plan_study(size: StudySize) -> Plan:
     if size.loo != "none":
         for cond in conditions:
             free = Condition(cond.style, cond.seed).name
-            for k in range(size.clients):
+            for k in range(size.clients_for(cond.style)):
                 if cond.faulty is None or k == cond.faulty:  # shared: the fault-free run without k
                     name = f"{free}-without{k}"
                     jobs.setdefault(name, FederationJob(name, Condition(cond.style, cond.seed).config(size), (k,), cme=False, probe=False))

@@ -8,7 +8,16 @@ import itertools
 import numpy as np
 import pytest
 
-from fedsim.analysis.agreement import client_series, label_tests, outlier_in_last_round, rank_sum_band, rank_sum_pvalue, rank_sum_test
+from fedsim.analysis.agreement import (
+    clear_outlier,
+    client_series,
+    label_tests,
+    outlier_in_last_round,
+    outlier_overall,
+    rank_sum_band,
+    rank_sum_pvalue,
+    rank_sum_test,
+)
 
 
 @pytest.mark.parametrize(("clients", "rounds"), [(2, 5), (3, 4), (4, 3)])
@@ -87,3 +96,19 @@ def test_last_round_outlier_guard_by_hand():
     # with one peer there is no spread to compare with
     one = rank_sum_test([5.0], [[1.0]])
     assert one is not None and not outlier_in_last_round(one)
+
+
+def test_clear_outlier_needs_the_last_round_and_the_median_by_hand():
+    # medians over 3 rounds: own 1.28, others 1.20 / 1.10 -> 0.08 above, others 0.10 apart: not clear
+    # (last round 1.36 vs 1.15 / 1.10 alone would pass)
+    t = rank_sum_test([1.28, 1.25, 1.36], [[1.20, 1.25, 1.15], [1.10, 1.05, 1.10]])
+    assert t is not None and outlier_in_last_round(t) and not outlier_overall(t) and not clear_outlier(t)
+    # own medians 1.40 vs 1.20 / 1.15: 0.20 above, others 0.05 apart; and the last round passes too
+    t = rank_sum_test([1.40, 1.42, 1.36], [[1.20, 1.25, 1.15], [1.15, 1.05, 1.10]])
+    assert t is not None and outlier_overall(t) and clear_outlier(t)
+    # the median alone is not enough: last round 1.16 vs 1.15 / 1.10
+    t = rank_sum_test([1.40, 1.42, 1.16], [[1.20, 1.25, 1.15], [1.15, 1.05, 1.10]])
+    assert t is not None and outlier_overall(t) and not clear_outlier(t)
+    # "low" mirrors it
+    low = rank_sum_test([0.01, 0.02, 0.01], [[0.05, 0.05, 0.05], [0.06, 0.06, 0.06]], direction="low")
+    assert low is not None and clear_outlier(low)

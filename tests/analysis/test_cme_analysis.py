@@ -15,6 +15,7 @@ from fedsim.analysis.cme import (
     DOMINANT,
     LABEL_STATISTIC,
     LEARNING,
+    MIN_SAME_MODEL_PEERS,
     UNDETERMINED,
     VERDICTS,
     WEAK,
@@ -292,13 +293,32 @@ def test_too_short_runs_are_undetermined_and_say_what_is_missing(rounds, epochs)
     assert v.reason.startswith("needs >= 3 rounds with >= 2 local epochs") and f"has {rounds} rounds" in v.reason
 
 
+def _alike(n=2, model="m"):
+    """``n`` same-model peers that move alike (clients 1..n)."""
+    return [dataclasses.replace(make_stats(client=k, magnitude=[0.05, 0.04, 0.06, 0.05]), model=model) for k in range(1, n + 1)]
+
+
 def test_learning_and_dominant_come_from_the_noise_band():
-    v = decide_verdict(make_stats(variation=0.2, vband=(0.02, 0.1)))
+    peers = _alike()
+    v = decide_verdict(make_stats(variation=0.2, vband=(0.02, 0.1)), peers)
     assert (v.verdict, v.statistic, v.value, v.band) == (LEARNING, "acf_variation_head", 0.2, (0.02, 0.1))
     assert "above its noise band [0.02, 0.1]" in v.reason
-    v = decide_verdict(make_stats(variation=0.08, vband=(0.02, 0.1)))
+    v = decide_verdict(make_stats(variation=0.08, vband=(0.02, 0.1)), peers)
     assert v.verdict == DOMINANT and "within its noise band" in v.reason
-    assert decide_verdict(make_stats(vband=(np.nan, np.nan))).verdict == UNDETERMINED
+    assert decide_verdict(make_stats(vband=(np.nan, np.nan)), peers).verdict == UNDETERMINED
+
+
+@pytest.mark.parametrize(("peers", "has"), [((), 0), (_alike(1), 1), (_alike(2, model="other"), 0)])
+def test_without_two_same_model_peers_the_contribution_is_undetermined(peers, has):
+    """A client is judged only against clients of its own architecture, and the null of those
+    tests is the gap between two of them; with fewer the verdict says so (and what the ACF shows)."""
+    v = decide_verdict(make_stats(variation=0.2, vband=(0.02, 0.1)), list(peers))
+    assert (v.verdict, v.statistic, v.value) == (UNDETERMINED, "same_model_peers", has)
+    assert v.reason.startswith(f"needs >= {MIN_SAME_MODEL_PEERS} other clients with the same model (m)") and f"has {has}" in v.reason
+    assert "head ACF variation 0.2 is above its noise band [0.02, 0.1]" in v.reason
+    # the absolute rules need no peer
+    assert decide_verdict(make_stats(jump=0.8), list(peers)).verdict == DIVERGED
+    assert decide_verdict(make_stats(magnitude=0.0), list(peers)).verdict == WEAK
 
 
 def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
@@ -312,11 +332,12 @@ def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
     # lowest in 3 rounds, second in one: rank sum 11, p = 5/81 + 1/81 = 0.074 > 0.025: the ACF rule decides
     almost = make_stats(client=0, magnitude=[0.01, 0.02, 0.045, 0.02], variation=0.5)
     assert decide_verdict(almost, peers).verdict == LEARNING
-    # two clients, 4 rounds: even always lowest has p = 1/16 > 0.025
-    assert decide_verdict(weak, peers[:1]).verdict == LEARNING
-    # magnitudes of other architectures are not compared
+    # one same-model peer: not judged (undetermined); magnitudes of other architectures are not compared
+    assert decide_verdict(weak, peers[:1]).verdict == UNDETERMINED
     other_arch = [dataclasses.replace(p, model="other") for p in peers]
-    assert decide_verdict(weak, other_arch).verdict == LEARNING
+    assert decide_verdict(weak, other_arch).verdict == UNDETERMINED
+    # a much lower magnitude in a 3-client run whose peers are another architecture: still not weak
+    assert decide_verdict(weak, [*other_arch, dataclasses.replace(make_stats(client=3), model="other")]).verdict == UNDETERMINED
     # nothing changed at all: weak without any peer
     v = decide_verdict(make_stats(magnitude=0.0))
     assert v.verdict == WEAK and "contributes nothing" in v.reason

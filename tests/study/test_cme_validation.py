@@ -25,15 +25,21 @@ def test_plan_of_the_tiny_size(monkeypatch):
         "mixed-s0-fault-free", "mixed-s0-c0-few-data-0.1", "mixed-s1-fault-free", "mixed-s1-c1-few-data-0.1",
     ]  # fmt: skip
     # leave-one-out runs: every client of each fault-free run, shared with the faulty client of the faulty run
+    # (tiny: 3 same-model clients, 4 mixed clients)
     loo_jobs = [j for j in plan.jobs.values() if j.absent]
-    assert len(loo_jobs) == 2 * 2 * 3 and len(plan.jobs) == 8 + 12
+    assert len(loo_jobs) == 2 * 3 + 2 * 4 and len(plan.jobs) == 8 + 14
     assert plan.loo[("mixed-s1-c1-few-data-0.1", 1)] == "mixed-s1-fault-free-without1"
     assert ("mixed-s1-c1-few-data-0.1", 0) not in plan.loo  # healthy clients of faulty runs: loo="full" only
     assert all(not j.cme and not j.probe for j in loo_jobs)
     full = cv.plan_study(dataclasses.replace(size, loo="full"))
-    assert len(full.jobs) == 8 + 12 + 4 * 2 and full.loo[("mixed-s1-c1-few-data-0.1", 0)] == "mixed-s1-c1-few-data-0.1-without0"
+    assert len(full.jobs) == 8 + 14 + 2 * 2 + 2 * 3 and full.loo[("mixed-s1-c1-few-data-0.1", 0)] == "mixed-s1-c1-few-data-0.1-without0"
     cfg = next(c for c in plan.conditions if c.style == "mixed").config(size)
-    assert cfg.models == ("small_cnn", "alexnet_skip", "small_cnn") and cfg.server_model == "small_cnn" and cfg.rounds == 3
+    assert cfg.models == ("small_cnn", "alexnet_skip", "small_cnn", "alexnet_skip") and cfg.server_model == "small_cnn" and cfg.rounds == 3
+    # every client of both styles holds the same share of the images
+    same = next(c for c in plan.conditions if c.style == "same-model").config(size)
+    assert (same.clients, same.num_samples, cfg.clients, cfg.num_samples) == (3, 120, 4, 160)
+    default = cv.SIZES["default"]
+    assert (default.clients_for("mixed"), default.samples_for("mixed"), default.samples_for("same-model")) == (6, 2400, 1200)
 
 
 def test_size_overrides():
@@ -87,7 +93,7 @@ def test_tiny_study_end_to_end(tiny_study):
     res, _ = tiny_study
     plan = cv.plan_study(cv.SIZES["tiny"])
     assert not res.summary["failed"] and res.summary["federations"] == len(plan.jobs)
-    assert len(res.rows) == 3 * len(plan.conditions)
+    assert len(res.rows) == sum(len(plan.jobs[c.name].config.models) for c in plan.conditions) == 4 * 3 + 4 * 4
     with open(res.out / "clients.csv", encoding="utf-8") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(res.rows)

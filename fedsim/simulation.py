@@ -305,20 +305,21 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
     from fedsim.clients.app import app as client_app
     from fedsim.server.app import RunInterrupted, check_cme_layers, make_server_app
 
+    if cfg.ray_address:  # before any other work: a wrong address is the likeliest mistake here
+        check_reachable(cfg.ray_address)
     auto_gpus = cfg.client_gpus is None
     cfg = resolve_config(cfg)
     if cfg.cme:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
-    if cfg.ray_address:  # the cluster's resources count, not this machine's: checked once joined
-        check_reachable(cfg.ray_address)
-    elif cfg.client_gpus > 0 and not cuda_available():
+    # With ray_address the cluster's resources count, not this machine's: checked once joined.
+    if not cfg.ray_address and cfg.client_gpus > 0 and not cuda_available():
         raise ConfigError(
             f"client_gpus={cfg.client_gpus:g} but this machine has no CUDA GPU: Ray would wait for one forever; "
             "use --client-gpus 0 (or leave it unset: 1 with CUDA, else 0)"
         )
-    elif cfg.client_cpus > (os.cpu_count() or 1):
+    if not cfg.ray_address and cfg.client_cpus > (os.cpu_count() or 1):
         raise ConfigError(
             f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer"
         )

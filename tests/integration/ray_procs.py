@@ -38,7 +38,7 @@ class LocalRayCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
         }
 
-    def _start(self, name: str, args: list[str], ready: float) -> None:
+    def _start(self, name: str, args: list[str], ready: float | None) -> None:
         log = self.temp_dir / f"{name}.log"
         self.logs.append(log)
         with open(log, "wb") as f:
@@ -46,6 +46,15 @@ class LocalRayCluster:
                 [str(BIN / "ray"), "start", "--block", *args], env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.procs.append(proc)
+        if ready is not None:
+            self._wait(proc, name, log, ready)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Wait until every node started so far says it runs."""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            self._wait(proc, log.stem, log, timeout)
+
+    def _wait(self, proc: subprocess.Popen[bytes], name: str, log: Path, ready: float) -> None:
         deadline = time.monotonic() + ready
         while time.monotonic() < deadline:
             if "Ray runtime started" in log.read_text(errors="replace"):
@@ -61,7 +70,9 @@ class LocalRayCluster:
             "--temp-dir", str(self.temp_dir), "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats",
         ]  # fmt: skip
 
-    def start_head(self, num_cpus: float, num_gpus: float = 0, ready: float = 90) -> str:
+    def start_head(self, num_cpus: float, num_gpus: float = 0, ready: float | None = 90) -> str:
+        """Start the head node (``ready=None``: do not wait for it; workers may start meanwhile,
+        they retry until the head answers)."""
         port = free_port()
         self._start(
             "head",
@@ -72,7 +83,7 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{port}"
         return self.address
 
-    def add_worker(self, num_cpus: float, num_gpus: float = 0, ready: float = 90) -> None:
+    def add_worker(self, num_cpus: float, num_gpus: float = 0, ready: float | None = 90) -> None:
         self._start(f"worker{len(self.procs)}", ["--address", self.address, *self.common_args(num_cpus, num_gpus)], ready)
 
     def leftover_pids(self) -> list[int]:

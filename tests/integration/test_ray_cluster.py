@@ -32,8 +32,9 @@ TINY = ["--profile", "tiny", "--models", "small_cnn,small_cnn,small_cnn", "--rou
 def cluster():
     c = LocalRayCluster()
     try:
-        c.start_head(num_cpus=2, num_gpus=1)
-        c.add_worker(num_cpus=2, num_gpus=1)
+        c.start_head(num_cpus=2, num_gpus=1, ready=None)  # both nodes start side by side
+        c.add_worker(num_cpus=2, num_gpus=1, ready=None)
+        c.wait_ready()
         yield c
     finally:
         c.stop()

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
+    run.add_argument(
+        "--ray-address",
+        default=d.ray_address,
+        metavar="HOST:PORT",
+        help="join this existing Ray cluster (its head's address, or 'auto') instead of starting Ray here; see docs/deployment.md",
+    )
     run.add_argument("--node-timeout", type=float, default=d.node_timeout, help="seconds to wait for client nodes (default: %(default)s)")
     run.add_argument(
         "--round-timeout",
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Flags a resumed run may change: they do not change its results.
-RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every")
+RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every", "ray_address")
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, object]:

@@ -126,6 +126,9 @@ class RunConfig:
     min_clients: int = 0
     #: Write a checkpoint (``checkpoint.safetensors``) every this many rounds and after the last; 0 = never.
     checkpoint_every: int = 1
+    #: Join this existing Ray cluster (``host:port`` of its head's GCS, or ``auto``) instead of
+    #: starting a Ray instance on this machine; ``""`` = start one (``fedsim run`` only).
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().
@@ -148,6 +151,11 @@ class RunConfig:
             raise ConfigError(f"client_cpus must be a number > 0, got {self.client_cpus}")
         if self.client_gpus is not None and not (math.isfinite(self.client_gpus) and self.client_gpus >= 0):
             raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus}")
+        if self.client_gpus is not None and self.client_gpus > 1 and not float(self.client_gpus).is_integer():
+            raise ConfigError(
+                f"client_gpus must be a fraction 0 < F <= 1 (floor(1/F) clients share a GPU) or a whole number of GPUs, got {self.client_gpus:g}"
+            )
+        _check_ray_address(self.ray_address)
         for name in ("node_timeout", "round_timeout"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
@@ -248,6 +256,17 @@ class RunConfig:
         d["client_models"] = list(self.client_models())
         d["scenario_description"] = self.scenario_spec.description
         return d
+
+
+def _check_ray_address(address: str) -> None:
+    """``""`` (start Ray here), ``auto`` or ``host:port`` with a port in 1..65535."""
+    if address in ("", "auto"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        raise ConfigError(
+            f"ray_address must be host:port of a Ray head node (e.g. 10.0.0.5:6379, as 'ray start --head' prints) or 'auto', got {address!r}"
+        )
 
 
 def _positive_int(name: str, value: Any) -> None:

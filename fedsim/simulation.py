@@ -13,15 +13,19 @@ second signal raises :class:`KeyboardInterrupt` at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fedsim._logging import logger
 from fedsim.clients.tasks import get_task, resolve_config
@@ -35,11 +39,154 @@ if TYPE_CHECKING:
 
 
 def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValues]]:
-    """Ray backend settings: per-client CPUs/GPUs from the config; no dashboard."""
-    return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True},
-    }
+    """Ray backend settings: per-client CPUs/GPUs from the config; no dashboard.
+
+    ``init_args`` are what Flower's Ray backend passes to ``ray.init``: a Ray instance with this
+    machine's CPUs, or, with ``ray_address``, the ``address`` of an existing cluster to join (whose
+    nodes bring their own resources, so no ``num_cpus`` then: Ray refuses it when joining).
+    """
+    init_args: dict[str, ConfigRecordValues] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}, "init_args": init_args}
+
+
+class RayClusterUnreachable(ConfigError):
+    """``--ray-address`` names no Ray cluster this machine can reach."""
+
+
+#: Seconds to wait for a TCP connection to the cluster's head before giving up.
+CONNECT_TIMEOUT = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse, within ``timeout`` s, a ``host:port`` where nothing accepts connections.
+
+    ``ray.init`` itself retries an unreachable head for minutes; a plain TCP connection to the
+    head's GCS port fails at once (refused) or after ``timeout`` (filtered / no route). ``auto``
+    is left to Ray, which fails at once when it finds no cluster.
+    """
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise RayClusterUnreachable(
+            f"cannot reach a Ray cluster at {address} ({why}); start its head with 'ray start --head --port {port}' "
+            "or fix --ray-address (see docs/deployment.md)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """One alive Ray node and the resources it declares (logical: ``ray start --num-gpus 2`` on a
+    machine without GPUs declares two)."""
+
+    node_id: str
+    ip: str
+    cpus: float
+    gpus: float
+
+    def clients(self, client_cpus: float, client_gpus: float) -> int:
+        """How many clients this node runs at a time: Flower's actor-pool rule
+        (``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``): CPUs, and with
+        ``client_gpus > 0`` also GPUs, a node without GPUs running none."""
+        n = int(self.cpus / client_cpus)
+        if client_gpus > 0:
+            n = min(n, int(self.gpus / client_gpus)) if self.gpus else 0
+        return n
+
+
+@dataclass(frozen=True)
+class RayLayout:
+    """Where a run's clients can run: the Ray nodes, per-client resources and what follows from
+    them. Logged at the start of a run and recorded in ``config.json`` (key ``ray``)."""
+
+    address: str
+    nodes: tuple[RayNode, ...]
+    client_cpus: float
+    client_gpus: float
+
+    @property
+    def cluster_cpus(self) -> float:
+        return sum(n.cpus for n in self.nodes)
+
+    @property
+    def cluster_gpus(self) -> float:
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def clients_per_gpu(self) -> int:
+        """``floor(1/F)`` for a fraction ``0 < F <= 1``; 0 when clients use no GPU or several each."""
+        if not 0 < self.client_gpus <= 1:
+            return 0
+        return math.floor(1 / self.client_gpus + 1e-9)
+
+    @property
+    def concurrent_clients(self) -> int:
+        """Clients running at a time over the whole cluster (Flower's actor-pool size)."""
+        return sum(n.clients(self.client_cpus, self.client_gpus) for n in self.nodes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address or "local",
+            "nodes": [
+                {"node_id": n.node_id, "ip": n.ip, "cpus": n.cpus, "gpus": n.gpus,
+                 "clients": n.clients(self.client_cpus, self.client_gpus)}
+                for n in self.nodes
+            ],
+            "cluster_cpus": self.cluster_cpus,
+            "cluster_gpus": self.cluster_gpus,
+            "client_cpus": self.client_cpus,
+            "client_gpus": self.client_gpus,
+            "clients_per_gpu": self.clients_per_gpu,
+            "concurrent_clients": self.concurrent_clients,
+        }  # fmt: skip
+
+    def describe(self) -> str:
+        """One log line."""
+        where = f"Ray cluster at {self.address}" if self.address else "Ray instance on this machine"
+        nodes = "; ".join(
+            f"node {n.node_id[:8]} ({n.ip}) CPU {n.cpus:g} GPU {n.gpus:g} -> {n.clients(self.client_cpus, self.client_gpus)} clients"
+            for n in self.nodes
+        )
+        per_gpu = f", {self.clients_per_gpu} clients per GPU" if self.clients_per_gpu else ""
+        return (
+            f"{where}: {len(self.nodes)} nodes, CPU {self.cluster_cpus:g}, GPU {self.cluster_gpus:g} [{nodes}]; "
+            f"per client CPU {self.client_cpus:g}, GPU {self.client_gpus:g}{per_gpu}; {self.concurrent_clients} clients at a time"
+        )
+
+    def check(self) -> None:
+        """Refuse a layout in which no node can run a client (Ray would wait forever)."""
+        if self.concurrent_clients > 0:
+            return
+        where = f"the Ray cluster at {self.address}" if self.address else "this machine's Ray instance"
+        nodes = ", ".join(f"CPU {n.cpus:g} GPU {n.gpus:g}" for n in self.nodes) or "none alive"
+        largest_cpu = max((n.cpus for n in self.nodes), default=0)
+        largest_gpu = max((n.gpus for n in self.nodes), default=0)
+        raise ConfigError(
+            f"no node of {where} can run a client with client_cpus={self.client_cpus:g}, client_gpus={self.client_gpus:g} "
+            f"(nodes: {nodes}); use --client-cpus {largest_cpu:g} or fewer and --client-gpus {largest_gpu:g} or fewer"
+            + (" (0: the cluster has no GPU)" if not largest_gpu else "")
+        )
+
+
+def ray_layout(cfg: ResolvedConfig) -> RayLayout:
+    """The layout of the connected Ray session (``ray.nodes()``: alive nodes with resources)."""
+    import ray
+
+    nodes = tuple(
+        RayNode(
+            str(n["NodeID"]), str(n.get("NodeManagerAddress", "")), float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0))
+        )
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("Resources")
+    )
+    return RayLayout(cfg.ray_address, nodes, cfg.client_cpus, cfg.client_gpus)
 
 
 #: Seconds after a stop signal before client calls still running are ended by killing their actors.
@@ -128,7 +275,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False) -> None:
 
 @contextmanager
 def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
-    """Start Ray here, as Flower's Ray backend would (same init arguments and ``PYTHONPATH``
+    """Start Ray here (or join ``cfg.ray_address``), as Flower's Ray backend would (same init arguments and ``PYTHONPATH``
     runtime env; Flower then uses this session), and shut it down afterwards in any case.
 
     ``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``; starting Ray first lets
@@ -140,7 +287,10 @@ def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
+    except ConnectionError as exc:  # "auto" and no cluster found, or the head went away meanwhile
+        raise RayClusterUnreachable(f"cannot join a Ray cluster at {cfg.ray_address}: {exc}".splitlines()[0]) from None
     try:
         with stop_on_signals(stop):
             yield
@@ -155,17 +305,21 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
     from fedsim.clients.app import app as client_app
     from fedsim.server.app import RunInterrupted, check_cme_layers, make_server_app
 
+    if cfg.ray_address:  # before any other work: a wrong address is the likeliest mistake here
+        check_reachable(cfg.ray_address)
+    auto_gpus = cfg.client_gpus is None
     cfg = resolve_config(cfg)
     if cfg.cme:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
     logger.info("data ok: %s samples per client", sizes)
-    if cfg.client_gpus > 0 and not cuda_available():
+    # With ray_address the cluster's resources count, not this machine's: checked once joined.
+    if not cfg.ray_address and cfg.client_gpus > 0 and not cuda_available():
         raise ConfigError(
             f"client_gpus={cfg.client_gpus:g} but this machine has no CUDA GPU: Ray would wait for one forever; "
             "use --client-gpus 0 (or leave it unset: 1 with CUDA, else 0)"
         )
-    if cfg.client_cpus > (os.cpu_count() or 1):
+    if not cfg.ray_address and cfg.client_cpus > (os.cpu_count() or 1):
         raise ConfigError(
             f"client_cpus={cfg.client_cpus} exceeds the {os.cpu_count()} CPUs of this machine; use --client-cpus {os.cpu_count()} or fewer"
         )
@@ -173,8 +327,14 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
         raise RunInterrupted(stop.signum)
     with warnings.catch_warnings(), ray_session(cfg, stop):
         warnings.simplefilter("ignore", DeprecationWarning)
+        layout = ray_layout(cfg)
+        if cfg.ray_address and auto_gpus:  # unset: one GPU per client if the cluster has GPUs
+            cfg = dataclasses.replace(cfg, client_gpus=1.0 if layout.cluster_gpus > 0 else 0.0)
+            layout = ray_layout(cfg)
+        layout.check()
+        logger.info("%s", layout.describe())
         flwr_run_simulation(
-            server_app=make_server_app(cfg, resume=resume, stop=stop),
+            server_app=make_server_app(cfg, resume=resume, stop=stop, ray_layout=layout.to_json()),
             client_app=client_app,
             num_supernodes=cfg.clients,
             backend_config=backend_config(cfg),

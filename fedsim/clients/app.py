@@ -19,6 +19,13 @@ Each round the client
    the run's checkpoint; after ``--resume`` the server sends them back in the same record, and
    they replace ``Context.state`` (see :mod:`fedsim.server.checkpoint`).
 
+Every train and evaluate reply also carries the ConfigRecord ``"fedsim.placement"``: where the
+call ran (host, process, and under Ray the node id, actor id and the GPU ids Ray assigned) and the
+torch device it used. The server logs it to ``placement.jsonl``; it never enters the metrics, which
+stay bit-identical wherever the clients ran. Under Ray a client uses ``cuda`` only when Ray gave it
+a GPU (``--client-gpus``) and torch sees one; a logical GPU on a machine without CUDA (``ray
+start --num-gpus 2`` for tests) leaves it on the CPU.
+
 A ``query`` message asks the client who it is: it replies with its ``partition-id``, so the
 server can name clients whose replies are errors and check every reply's partition id.
 
@@ -30,7 +37,11 @@ optionally ``data-dir``, a node-local image folder that then replaces the shared
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
@@ -49,6 +60,8 @@ STATE_KEY = "fedsim.model"
 #: Message records of the checkpoint protocol (:mod:`fedsim.server.checkpoint` uses the same names).
 CONTROL_KEY = "fedsim.control"
 STATE_RECORD_KEY = "fedsim.state"
+#: Reply record saying where a client call ran (:func:`placement`; the server's ``PlacementLog`` reads it).
+PLACEMENT_KEY = "fedsim.placement"
 #: Keys Flower's strategies add to the config they send (not run-config fields).
 FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu")
 
@@ -66,7 +79,22 @@ def node_identity(context: Context, cfg: ResolvedConfig) -> tuple[int, str | Non
     if not 0 <= pid < cfg.clients:
         raise ConfigError(f"partition-id {pid} is outside 0..{cfg.clients - 1} for a run with {cfg.clients} clients")
     data_dir = str(nc["data-dir"]) if nc.get("data-dir") else None
+    check_data_dir(data_dir or cfg.data_dir, pid)
     return pid, data_dir
+
+
+def check_data_dir(path: str, pid: int) -> None:
+    """Refuse, on the node that runs the client, a data folder it cannot read (a Ray cluster or a
+    deployment needs the data at the same path on every node, or a node-local ``data-dir``)."""
+    if not path:
+        return
+    folder = Path(path)
+    if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
+        problem = "is not readable" if folder.is_dir() else "does not exist"
+        raise ConfigError(
+            f"client {pid} on host {socket.gethostname()}: data folder {path} {problem} there; every node that runs clients "
+            "needs the data at this path (or its own --node-config data-dir=...), see docs/deployment.md"
+        )
 
 
 def _config_number(config: ConfigRecord, key: str, default: float) -> float:
@@ -77,8 +105,35 @@ def _config_number(config: ConfigRecord, key: str, default: float) -> float:
     return value
 
 
+def ray_gpu_ids() -> list[str] | None:
+    """The GPU ids Ray assigned to this process (``[]``: none), or ``None`` when not in a Ray worker."""
+    ray = sys.modules.get("ray")  # only a Ray worker (or driver) has imported it
+    if ray is None or not ray.is_initialized():
+        return None
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def select_device(gpu_ids: list[str] | None, cuda: bool) -> torch.device:
+    """``cuda`` if torch sees CUDA and, under Ray, Ray gave this client a GPU; else the CPU."""
+    use_cuda = cuda and (gpu_ids is None or bool(gpu_ids))
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return select_device(ray_gpu_ids(), torch.cuda.is_available())
+
+
+def placement(pid: int, server_round: int, dev: torch.device) -> ConfigRecord:
+    """Where this client call ran: host, process, torch device and, under Ray, node, actor and GPUs."""
+    record: dict[str, str | int | list[str]] = {
+        "partition-id": pid, "server-round": server_round, "host": socket.gethostname(), "pid": os.getpid(), "device": str(dev),
+        "node-id": "", "actor-id": "", "gpu-ids": [],
+    }  # fmt: skip
+    gpu_ids = ray_gpu_ids()
+    if gpu_ids is not None:
+        ctx = sys.modules["ray"].get_runtime_context()
+        record.update({"node-id": ctx.get_node_id(), "actor-id": ctx.get_actor_id() or "", "gpu-ids": gpu_ids})
+    return ConfigRecord(record)  # type: ignore[arg-type]
 
 
 def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
@@ -147,8 +202,9 @@ def train(msg: Message, context: Context) -> Message:
     cme = CMERecorder(cme_settings(cfg)) if cfg.cme else None
     if cme is not None:
         callbacks.append(cme)
+    dev = device()
     result = task.train(
-        model, cfg, pid, server_round, device(), callbacks=callbacks,
+        model, cfg, pid, server_round, dev, callbacks=callbacks,
         proximal_mu=mu, data_dir=data_dir, anchor=received if mu > 0 else None,
     )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -167,6 +223,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
     content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
+    content[PLACEMENT_KEY] = placement(pid, server_round, dev)
     if cme is not None and cme.result is not None:  # the runner always calls the callbacks
         payload = encode(cme.result, pid, server_round, cfg.model_for(pid))
         content[CME_RECORD_KEY] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": server_round})
@@ -202,10 +259,12 @@ def cme_settings(cfg: ResolvedConfig) -> CMESettings:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, data_dir, model, _ = _prepare(msg, context)
-    result = get_task(cfg.task).evaluate_local(model, cfg, pid, device(), data_dir=data_dir)
+    dev = device()
+    result = get_task(cfg.task).evaluate_local(model, cfg, pid, dev, data_dir=data_dir)
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    server_round = int(_config_number(msg.content.config_records["config"], "server-round", 0))
+    return Message(RecordDict({"metrics": MetricRecord(metrics), PLACEMENT_KEY: placement(pid, server_round, dev)}), reply_to=msg)
 
 
 @app.query()

@@ -52,7 +52,7 @@ from fedsim.server.checkpoint import (
     restore_rng,
 )
 from fedsim.server.loop import run_rounds
-from fedsim.server.recorder import RoundRecorder, scalar
+from fedsim.server.recorder import PlacementLog, RoundRecorder, scalar
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 
 #: Largest CME record (bytes) the server accepts from one client and round.
@@ -373,14 +373,18 @@ def _round_of(messages: Sequence[Message]) -> int:
     return 0
 
 
-def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> Result:
+def run_server(
+    grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, ray_layout: dict[str, Any] | None = None
+) -> Result:
     """Run a whole federated training with a resolved config; return Flower's ``Result``.
 
     ``resume``: continue the run in ``cfg.out`` from its checkpoint (:mod:`fedsim.server.checkpoint`).
     ``stop``: an event that ends the run with :class:`RunInterrupted` when set (signal handling).
+    ``ray_layout``: where the clients run (``fedsim.simulation.RayLayout.to_json``), recorded in
+    ``config.json`` as ``ray``.
     """
     task = get_task(cfg.task)
-    run_dir = _open_run_dir(cfg, resume)
+    run_dir = _open_run_dir(cfg, resume, ray_layout)
     if cfg.faults:
         logger.warning("injected faults: %s", ", ".join(str(f) for f in cfg.fault_specs()))
 
@@ -418,7 +422,9 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         check_cme_layers(cfg)
         on_reply = CMEArchiveWriter(run_dir.path).collect
         logger.info("recording CMEs into %s", run_dir.path / "cme")
-    ordered = OrderedGrid(grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, stop=stop)
+    ordered = OrderedGrid(
+        grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, hooks=[PlacementLog(run_dir.path)], stop=stop
+    )
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
@@ -454,14 +460,15 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
     return result
 
 
-def _open_run_dir(cfg: ResolvedConfig, resume: bool) -> RunDir:
-    """A new run directory with ``config.json``, or (``resume``) the existing one, unchanged."""
+def _open_run_dir(cfg: ResolvedConfig, resume: bool, ray_layout: dict[str, Any] | None = None) -> RunDir:
+    """A new run directory with ``config.json`` (plus the Ray layout, if given), or (``resume``)
+    the existing one, unchanged."""
     if resume:
         run_dir = RunDir(cfg.out).open_existing()
         logger.info("run directory (resumed): %s", run_dir.path)
         return run_dir
     run_dir = RunDir(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).create()
-    run_dir.write_config(cfg.to_json_dict() | {"out": str(run_dir.path)})
+    run_dir.write_config(cfg.to_json_dict() | {"out": str(run_dir.path)} | ({"ray": ray_layout} if ray_layout else {}))
     logger.info("run directory: %s", run_dir.path)
     return run_dir
 
@@ -496,15 +503,17 @@ def check_cme_layers(cfg: ResolvedConfig) -> None:
         logger.warning("CME ACF (eq. 4) pairs consecutive local epochs: with local_epochs=1 it stays empty")
 
 
-def make_server_app(cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> ServerApp:
-    """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume`` and
-    ``stop`` as in :func:`run_server`."""
+def make_server_app(
+    cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, ray_layout: dict[str, Any] | None = None
+) -> ServerApp:
+    """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume``,
+    ``stop`` and ``ray_layout`` as in :func:`run_server`."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         enable_console_logging()
-        run_server(grid, cfg, resume=resume, stop=stop)
+        run_server(grid, cfg, resume=resume, stop=stop, ray_layout=ray_layout)
 
     return server_app
 

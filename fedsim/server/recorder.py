@@ -7,10 +7,12 @@ every client's reply) and into ``evaluate_fn``, which Flower calls at the end of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedsim._logging import logger
@@ -116,3 +118,50 @@ def _strip(m: dict[str, float] | None) -> dict[str, float] | None:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
+#: The client's reply record saying where it ran (``fedsim.clients.app.PLACEMENT_KEY``).
+PLACEMENT_KEY = "fedsim.placement"
+#: Run-directory file with one line per delivered client reply: where it ran.
+PLACEMENT_FILE = "placement.jsonl"
+
+
+class PlacementLog:
+    """Grid hook (:class:`~fedsim.server.app.GridHook`) writing ``placement.jsonl``: for every client
+    reply that carries a placement record, one line ``{"round", "phase", "client", "host", "pid",
+    "device", "node_id", "actor_id", "gpu_ids"}`` (Ray ids empty outside Ray), in client order.
+
+    It is a log of where calls ran, kept apart from ``metrics.jsonl`` so that the metrics stay
+    bit-identical whichever node ran a client; a resumed run appends to it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / PLACEMENT_FILE
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        return messages
+
+    def incoming(self, replies: Iterable[Message]) -> None:
+        rows = []
+        for m in replies:
+            if m.has_error() or PLACEMENT_KEY not in m.content.config_records:
+                continue
+            r = m.content.config_records[PLACEMENT_KEY]
+            rows.append({
+                "round": r.get("server-round"), "phase": m.metadata.message_type, "client": r.get("partition-id"),
+                "host": r.get("host"), "pid": r.get("pid"), "device": r.get("device"), "node_id": r.get("node-id"),
+                "actor_id": r.get("actor-id"), "gpu_ids": list(r.get("gpu-ids") or []),  # type: ignore[arg-type]
+            })  # fmt: skip
+        if not rows:
+            return
+        rows.sort(key=lambda row: (str(row["phase"]), int(row["client"] if isinstance(row["client"], int) else -1)))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
+
+def read_placement(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of a run's ``placement.jsonl`` (empty if it has none)."""
+    path = Path(run_dir) / PLACEMENT_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -83,7 +83,11 @@ def test_scan_errors_name_the_layout_and_missing_file(tmp_path):
     (tmp_path / "b_label.npy").unlink()
     with pytest.raises(CTDataError, match=r"b_label\.npy"):
         scan_ct_folder(tmp_path)
-    (tmp_path / "a_spacing.npy").unlink()
+    (tmp_path / "a_spacing.npy").unlink()  # then the NRRD header's spacing (write_ct_case records it there)
+    assert load_ct_case(tmp_path, "a").spacing.tolist() == [0.5, 0.5, 1.25]
+    import nrrd
+
+    nrrd.write(str(tmp_path / "a_volume.nrrd"), np.zeros(SHAPE, np.float32), index_order="F")  # a header without spacing
     with pytest.raises(CTDataError, match=r"a_spacing\.npy"):
         load_ct_case(tmp_path, "a")
 

@@ -35,6 +35,11 @@ class ClientCurves:
     clients: tuple[int, ...]
     models: tuple[str, ...]
     values: Mapping[str, np.ndarray]
+    sites: tuple[str, ...] = ()  # each client's site (a --partition sites run), else ()
+
+    def label(self, i: int) -> str:
+        """``client k`` or, in a multi-site run, ``client k [site]``."""
+        return f"client {self.clients[i]} [{self.sites[i]}]" if self.sites else f"client {self.clients[i]}"
 
 
 def client_curves(rows: Sequence[Mapping[str, Any]]) -> ClientCurves:
@@ -43,6 +48,7 @@ def client_curves(rows: Sequence[Mapping[str, Any]]) -> ClientCurves:
         raise ValueError("no rounds to plot: metrics.jsonl is empty or missing")
     rounds = np.array([int(r["round"]) for r in rows])
     models = {int(c["client"]): str(c["model"]) for r in rows for c in r["clients"]}
+    sites = {int(c["client"]): str(c["site"]) for r in rows for c in r["clients"] if "site" in c}
     clients = tuple(sorted(models))
     pos = {c: i for i, c in enumerate(clients)}
     metrics = _metric_keys(rows)
@@ -52,7 +58,8 @@ def client_curves(rows: Sequence[Mapping[str, Any]]) -> ClientCurves:
             for m in metrics:
                 if c.get(m) is not None:  # null = undefined metric (stays NaN)
                     values[m][pos[int(c["client"])], j] = float(c[m])
-    return ClientCurves(rounds, clients, tuple(models[c] for c in clients), values)
+    site_names = tuple(sites[c] for c in clients) if len(sites) == len(clients) else ()
+    return ClientCurves(rounds, clients, tuple(models[c] for c in clients), values, site_names)
 
 
 def load_client_curves(run_dir: str | Path) -> ClientCurves:
@@ -83,8 +90,8 @@ class ClientCurvesDisplay:
                     continue
                 color = f"C{i}"
                 test, train = c.values.get(f"test_{kind}"), c.values.get(f"train_{kind}")
-                ax.plot(c.rounds, nan if test is None else test[i], "-o", color=color, label=f"client {client} ({model}) test")
-                ax.plot(c.rounds, nan if train is None else train[i], "--", color=color, alpha=0.7, label=f"client {client} train")
+                ax.plot(c.rounds, nan if test is None else test[i], "-o", color=color, label=f"{c.label(i)} ({model}) test")
+                ax.plot(c.rounds, nan if train is None else train[i], "--", color=color, alpha=0.7, label=f"{c.label(i)} train")
             ax.set_xlabel("round")
             ax.set_ylabel(kind)
             ax.set_xticks(c.rounds)

@@ -63,6 +63,13 @@ class CTDataError(DataLayoutError):
     """A CT data folder or one of its files cannot be used; the message names them."""
 
 
+def ct_sites(case_ids: list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """Site names and each case's site index of :func:`scan_ct_folder`'s ``sites=True`` ids."""
+    prefixes = [c.split("/", 1)[0] for c in case_ids]
+    names, site_of = np.unique(np.asarray(prefixes), return_inverse=True)
+    return tuple(str(n) for n in names), site_of.astype(np.int64)
+
+
 def _paths(data_dir: str | Path, case_id: str) -> tuple[Path, Path, Path]:
     root = Path(data_dir)
     return root / f"{case_id}{VOLUME_SUFFIX}", root / f"{case_id}{LABEL_SUFFIX}", root / f"{case_id}{SPACING_SUFFIX}"
@@ -93,10 +100,16 @@ def _case_id(path: Path) -> str | None:
     return None
 
 
-def scan_ct_folder(data_dir: str | Path) -> list[str]:
+def scan_ct_folder(data_dir: str | Path, sites: bool = False) -> list[str]:
     """Sorted case ids of ``data_dir`` (one per volume file or series folder); checks that every
     volume has its label file (only names are looked at, and the first bytes of one file per
-    folder: cheap). A missing ``_spacing.npy`` is looked for in the header when the case is read."""
+    folder: cheap). A missing ``_spacing.npy`` is looked for in the header when the case is read.
+    With ``sites``, ``data_dir`` holds one such folder per site (:mod:`fedsim.data.sites`) and the
+    ids are ``<site>/<case>`` (so ``DATA_DIR / id`` still names the case's files), site by site."""
+    if sites:
+        from fedsim.data.sites import scan_sites
+
+        return [f"{name}/{case}" for name, cases in scan_sites(data_dir, scan_ct_folder) for case in cases]
     root = Path(data_dir)
     if not root.is_dir():
         raise CTDataError(f"CT data folder {root} does not exist; {EXPECTED_LAYOUT}")

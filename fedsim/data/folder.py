@@ -50,11 +50,14 @@ class BadImageError(DataLayoutError):
 
 @dataclass(frozen=True)
 class FileList:
-    """Image paths with integer labels; ``class_names[label]`` names the folder."""
+    """Image paths with integer labels; ``class_names[label]`` names the folder. A multi-site
+    folder (``sites=True``) also gives the site names and each image's site index."""
 
     paths: tuple[Path, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    sites: tuple[str, ...] = ()
+    site_of: np.ndarray | None = None
 
 
 def _is_medical(path: Path) -> bool:
@@ -65,13 +68,17 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_medical(p)))
 
 
-def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None) -> FileList:
+def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None, sites: bool = False) -> FileList:
     """List the images under ``data_dir`` (Kaggle layout or class-per-folder) without reading them.
 
     Cheap, so that the CLI can validate a data folder before any training starts. With
     ``classes`` (the task's class names, in label order) every class folder must be one of them,
     and ``labels`` index into ``classes``; otherwise the sorted folder names are the classes.
+    With ``sites``, ``data_dir`` holds one such folder per site (:mod:`fedsim.data.sites`): the
+    sites' images are listed one site after the other, and every site must hold the same classes.
     """
+    if sites:
+        return _scan_sites(data_dir, classes)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataLayoutError(f"data folder {root} does not exist or is not a folder; {EXPECTED_LAYOUT}")
@@ -101,6 +108,21 @@ def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None
     if empty:
         raise DataLayoutError(f"class folder(s) {', '.join(empty)} under {root} hold no images; {EXPECTED_LAYOUT}")
     return FileList(tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names))
+
+
+def _scan_sites(data_dir: str | Path, classes: Sequence[str] | None) -> FileList:
+    from fedsim.data.sites import scan_sites, site_index
+
+    per_site = scan_sites(data_dir, lambda d: scan_image_folder(d, classes), lambda f: {f.class_names[i] for i in np.unique(f.labels)})
+    names = tuple(name for name, _ in per_site)
+    lists = [f for _, f in per_site]
+    return FileList(
+        tuple(p for f in lists for p in f.paths),
+        np.concatenate([f.labels for f in lists]),
+        lists[0].class_names,
+        names,
+        site_index([len(f.paths) for f in lists]),
+    )
 
 
 def load_images(files: FileList, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

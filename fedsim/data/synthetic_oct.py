@@ -186,6 +186,8 @@ class VolumeFiles:
     paths: tuple[Path, ...]
     labels: np.ndarray
     groups: tuple[str, ...] | None = None
+    sites: tuple[str, ...] = ()
+    site_of: np.ndarray | None = None
 
 
 def patient_id(path: Path) -> str | None:
@@ -212,7 +214,7 @@ def _authors_tree(root: Path) -> tuple[list[Path], list[int]] | None:
     return paths, labels
 
 
-def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
+def scan_oct_folder(data_dir: str | Path, sites: bool = False) -> VolumeFiles:
     """Find the volumes (``.npy``; NIfTI, NRRD, DICOM in the CSV and class-folder layouts) and their labels in ``data_dir``.
 
     Layouts: ``DATA_DIR/labels.csv`` (columns ``file,label``; ``file`` relative to DATA_DIR;
@@ -221,7 +223,12 @@ def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
     or one folder per class ``DATA_DIR/<class>/*.npy`` with class folders named like
     ``normal``/``non_glaucoma``/``0`` and ``glaucoma``/``1``. Only headers are read here (cheap).
     ``groups`` holds the files' patient ids when every file name carries one (:func:`patient_id`).
+    With ``sites``, ``data_dir`` holds one such folder per site (:mod:`fedsim.data.sites`), listed
+    one after the other; every site must hold both classes, and patient ids are prefixed with
+    the site (``<site>/<patient>``: hospitals number their patients independently).
     """
+    if sites:
+        return _scan_sites(data_dir)
     root = Path(data_dir)
     if not root.is_dir():
         raise OCTDataError(f"OCT data folder {root} does not exist")
@@ -269,6 +276,23 @@ def scan_oct_folder(data_dir: str | Path) -> VolumeFiles:
     ids = [patient_id(p) for p in paths]
     groups = tuple(i for i in ids if i is not None) if all(i is not None for i in ids) else None
     return VolumeFiles(tuple(paths), lab_arr, groups)
+
+
+def _scan_sites(data_dir: str | Path) -> VolumeFiles:
+    from fedsim.data.sites import scan_sites, site_index
+
+    per_site = scan_sites(data_dir, scan_oct_folder, lambda f: {CLASS_NAMES[i] for i in np.unique(f.labels)})
+    files = [f for _, f in per_site]
+    groups = None
+    if all(f.groups is not None for f in files):
+        groups = tuple(f"{name}/{g}" for name, f in per_site for g in (f.groups or ()))
+    return VolumeFiles(
+        tuple(p for f in files for p in f.paths),
+        np.concatenate([f.labels for f in files]),
+        groups,
+        tuple(name for name, _ in per_site),
+        site_index([len(f.paths) for f in files]),
+    )
 
 
 def _label(text: str, where: str) -> int:

@@ -174,13 +174,17 @@ def _read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | N
 def scale_intensities(volume: np.ndarray) -> np.ndarray:
     """Float32 in [0, 1] by the module's rule: HU window [-1000, 2000] if the minimum is <= -500,
     unchanged if already in [0, 1], else min-max."""
+    # MONAI's intensity transforms (imported here: only real CT pays MONAI's import); bit-identical
+    # to the formulas they replaced, clip((v + 1000) / 3000, 0, 1) and (v - lo) / (hi - lo).
+    from monai.transforms import ScaleIntensity, ScaleIntensityRange
+
     v = np.asarray(volume, dtype=np.float32)
     lo, hi = float(v.min()), float(v.max())
     if lo <= -500.0:
-        return np.clip((v - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0.0, 1.0)
+        return np.asarray(ScaleIntensityRange(a_min=HU_WINDOW[0], a_max=HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)(v), dtype=np.float32)
     if lo >= 0.0 and hi <= 1.0:
         return v
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    return np.asarray(ScaleIntensity(minv=0.0, maxv=1.0)(v), dtype=np.float32)  # a constant volume becomes 0
 
 
 def load_ct_case(data_dir: str | Path, case_id: str, num_landmarks: int | None = None) -> CTCase:

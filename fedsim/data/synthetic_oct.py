@@ -345,7 +345,7 @@ def load_volumes(files: VolumeFiles, shape: tuple[int, int, int], intensity: str
         v = v.reshape(*v.shape[-3:])  # (1, D, H, W) -> (D, H, W)
         if not np.isfinite(v).all():
             raise OCTDataError(f"{p} contains NaN or infinite values")
-        if v.shape != shape:
+        if v.shape != shape:  # not MONAI's Resize: the same F.interpolate call behind a 4-7 s import per client process
             v = F.interpolate(torch.from_numpy(v)[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
         if intensity == "raw":
             out[i] = np.round(np.clip(v, 0.0, 255.0)).astype(np.uint8)

@@ -192,6 +192,7 @@ def augment_oct_authors(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     (The release uses scipy's nearest zoom, whose grid differs from ``F.interpolate``'s nearest by
     at most one voxel at the edges of each run.)"""
+    # Not MONAI's transforms: this reproduces the authors' release step by step (their draws, order and 8-bit truncation).
     out = []
     shape = x.shape[2:]
     for volume in x:

@@ -166,6 +166,10 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
     """The modality-LUT-applied pixels (``RescaleSlope`` / ``RescaleIntercept``), float32."""
     from pydicom.pixels import apply_modality_lut
 
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise MedicalImageError(
+            f"DICOM file {path} holds colour pixels ({ds.get('PhotometricInterpretation')}); expected a grayscale image"
+        )
     try:
         return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
     except Exception as exc:  # missing pixel data, an unsupported transfer syntax (needs a decoder plugin) ...

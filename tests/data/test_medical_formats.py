@@ -150,3 +150,10 @@ def test_dicom_and_nifti_slices_through_the_mri_folder(tmp_path):
     np.testing.assert_array_equal(images[0], expected(_hu(MR_SMALL)))
     np.testing.assert_array_equal(images[1], expected(_hu(CT_SMALL)))
     np.testing.assert_array_equal(images[2], expected(anat[:, :, anat.shape[2] // 2].T))  # the middle slice, rows = Y
+
+
+def test_colour_dicom_is_refused_naming_the_file(tmp_path):
+    rgb = Path(get_testdata_file("ExplVR_BigEnd.dcm"))  # an RGB secondary capture pydicom ships
+    assert pydicom.dcmread(str(rgb)).SamplesPerPixel == 3
+    with pytest.raises(MedicalImageError, match=r"ExplVR_BigEnd\.dcm holds colour pixels \(RGB\); expected a grayscale image"):
+        read_volume(rgb)

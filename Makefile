@@ -35,5 +35,11 @@ test: lint
 bench: setup
 	$(VENV)/bin/python benchmarks/overhead.py --profile quick --scenario 1
 
+# Re-execute both notebooks in place: they are committed with their outputs (figures, printed
+# results; no logs), so they show on the repository page. Starts Ray; a few minutes on 2 cores.
+.PHONY: notebooks
+notebooks: setup
+	$(VENV)/bin/python notebooks/execute.py notebooks/*.ipynb
+
 clean:
 	rm -rf $(VENV) runs

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default=d.profile, help="tiny | quick | paper (default: %(default)s)")
     run.add_argument("--rounds", type=int, help="federated rounds (default: from profile)")
     run.add_argument("--local-epochs", type=int, help="local epochs per round (default: from profile)")
-    run.add_argument("--clients", type=int, default=d.clients, help="number of hospitals (default: %(default)s)")
+    run.add_argument(
+        "--clients", type=int, help=f"number of hospitals (default: {d.clients}; with --partition sites the number of site folders)"
+    )
     run.add_argument("--strategy", default=d.strategy, help="aggregation strategy (default: %(default)s)")
     run.add_argument("--partition", help="partitioner (default: from scenario: iid or identical)")
     run.add_argument("--alpha", type=float, default=d.alpha, help="dirichlet concentration (default: %(default)s)")
@@ -208,6 +210,12 @@ def _config_fields(args: argparse.Namespace) -> dict[str, object]:
             fields[key] = parse_key_values(fields[key])
     if "faults" in fields:
         fields["faults"] = tuple(fields["faults"])
+    if "clients" in fields and fields["clients"] is None:  # not given: the site folders', else RunConfig's default
+        del fields["clients"]
+        if fields.get("partition") == "sites" and fields.get("data_dir"):
+            from fedsim.data.sites import site_names
+
+            fields["clients"] = len(site_names(str(fields["data_dir"])))
     dp = [(key, str(value)) for key, flag in (("noise", "dp_noise"), ("clip", "dp_clip")) if (value := fields.pop(flag, None)) is not None]
     if dp:
         from fedsim.config import ConfigError

@@ -52,7 +52,7 @@ def test_invalid_numbers_are_refused(kwargs, message):
     [
         ({"profile": "huge"}, "unknown profile 'huge'; valid choices: tiny, quick, paper"),
         ({"strategy": "fedfoo"}, r"unknown strategy 'fedfoo'; valid choices: (\w+, )*equal_avg, (\w+, )*fedprox"),
-        ({"partition": "random"}, "unknown partitioner 'random'; valid choices: dirichlet, identical, iid, sizes"),
+        ({"partition": "random"}, "unknown partitioner 'random'; valid choices: dirichlet, identical, iid, sites, sizes"),
         ({"task": "nope"}, r"unknown task 'nope'; valid choices: (\w+, )*brain_mri"),
         (
             {"models": ("vgg", "small_cnn", "small_cnn")},

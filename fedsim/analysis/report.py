@@ -204,9 +204,16 @@ def _cme_entry(s: ClientStatistics, v: Verdict) -> dict[str, Any]:
 
 def _client_entry(base: dict[str, Any], last_row: dict[str, Any], metric: str) -> dict[str, Any]:
     entry = dict(base)
+    if "site" in last_row:  # a --partition sites run: the client's site folder
+        entry["site"] = last_row["site"]
     entry["final_metrics"] = {k: v for k, v in last_row.items() if k.startswith(("train_", "test_"))}
     entry[f"final_test_{metric}"] = last_row.get(f"test_{metric}")
     return entry
+
+
+def _who(c: dict[str, Any]) -> str:
+    """A client's table cell: its number, and its site in a multi-site run."""
+    return f"{c['client']} ({c['site']})" if "site" in c else str(c["client"])
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -253,7 +260,7 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
             nb = c.get("null_band")
             band_txt = f"[{_fmt(nb[0])}, {_fmt(nb[1])}]" if nb else "-"
             lines.append(
-                f"| {c['client']} | {c['model']} | **{c['verdict']}** | {c['statistic']} | {_fmt(c['value'])} | {band_txt} | "
+                f"| {_who(c)} | {c['model']} | **{c['verdict']}** | {c['statistic']} | {_fmt(c['value'])} | {band_txt} | "
                 f"{c['reason']} | {sat} | {_fmt(c['mean_dead_fraction'], '.1%')} | {_fmt(c.get(f'final_test_{m}'))} |"
             )
     else:
@@ -267,7 +274,7 @@ def render_report(summary: dict[str, Any], figures: list[Path], out_dir: Path) -
             "| --- | --- | --- |",
         ]
         for c in summary["clients"]:
-            lines.append(f"| {c['client']} | {c['model']} | {_fmt(c.get(f'final_test_{m}'))} |")
+            lines.append(f"| {_who(c)} | {c['model']} | {_fmt(c.get(f'final_test_{m}'))} |")
     if summary.get("global"):
         lines += ["", "Global model on the held-out test set (last round): "
                   + ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in summary["global"].items())]  # fmt: skip

@@ -30,6 +30,7 @@ def augment_oct(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     The result is clamped to [0, 1].
     """
+    # Not MONAI's Rand* transforms: each draws from its own RandomState, which would change the seeded (seed, round, client) stream and the results.
     out = []
     shape = x.shape[2:]
     for volume in x:

@@ -7,9 +7,16 @@ One folder holds three files per case::
                                    a missing landmark has coordinates < -100 (written as -1000)
     DATA_DIR/<case>_spacing.npy    3 values: mm per voxel along X, Y, Z
 
-Loaded cases are :class:`fedsim.data.synthetic_ct.CTCase`: missing landmarks become NaN rows, the
-spacing comes from ``_spacing.npy`` (the NRRD header's is not used) and the intensities are
-scaled to [0, 1] by :func:`scale_intensities`:
+The volume may also be ``<case>_volume.nii`` / ``.nii.gz`` (NIfTI, nibabel), ``<case>_volume.dcm``
+(a multi-frame DICOM file) or a folder ``<case>_volume/`` holding one DICOM series (pydicom; the
+slices sorted along their normal, rescale slope/intercept applied, so CT values are Hounsfield
+units), all in the same ``(X, Y, Z)`` voxel order (:mod:`fedsim.data.medical`). The spacing comes
+from ``_spacing.npy`` when the case has one (the authors' files; a header that disagrees is logged
+as a warning), else from the volume's header (NRRD ``space directions``, NIfTI ``pixdim``, DICOM
+``PixelSpacing`` and the slice positions); a case with neither is refused.
+
+Loaded cases are :class:`fedsim.data.synthetic_ct.CTCase`: missing landmarks become NaN rows and
+the intensities are scaled to [0, 1] by :func:`scale_intensities`:
 
 * the volume looks like Hounsfield units (its minimum is <= -500, i.e. it holds air at about
   -1000 HU): clipped to the CT window [-1000, 2000] HU and mapped linearly (air 0, water 1/3,
@@ -28,19 +35,27 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim._logging import logger
 from fedsim.data.folder import DataLayoutError
+from fedsim.data.medical import MedicalImageError, is_dicom_series, read_volume
 from fedsim.data.synthetic_ct import CTCase
 
 VOLUME_SUFFIX, LABEL_SUFFIX, SPACING_SUFFIX = "_volume.nrrd", "_label.npy", "_spacing.npy"
+#: Other volume files a case may have instead of ``_volume.nrrd`` (a ``<case>_volume/`` DICOM
+#: series folder works too).
+OTHER_VOLUME_SUFFIXES = ("_volume.nii.gz", "_volume.nii", "_volume.dcm")
+#: Header and ``_spacing.npy`` spacings further apart than this (relative) are logged.
+SPACING_MISMATCH = 1e-3
 #: The authors flag a missing landmark by coordinates below this; we write MISSING_VALUE.
 MISSING_BELOW, MISSING_VALUE = -100.0, -1000.0
 HU_WINDOW = (-1000.0, 2000.0)
 #: Present landmarks may lie this many voxels outside the volume's extent [-0.5, n - 0.5].
 LANDMARK_TOLERANCE = 1.0
 EXPECTED_LAYOUT = (
-    f"expected DATA_DIR/<case>{VOLUME_SUFFIX} (the CT volume) with DATA_DIR/<case>{LABEL_SUFFIX} "
-    f"((L, 3) landmark voxel coordinates, missing landmarks < {MISSING_BELOW:g}) and "
-    f"DATA_DIR/<case>{SPACING_SUFFIX} (3 values, mm per voxel along X, Y, Z)"
+    f"expected DATA_DIR/<case>{VOLUME_SUFFIX} (the CT volume; or <case>_volume.nii[.gz], <case>_volume.dcm, "
+    f"a DICOM series folder <case>_volume/) with DATA_DIR/<case>{LABEL_SUFFIX} "
+    f"((L, 3) landmark voxel coordinates, missing landmarks < {MISSING_BELOW:g}) and, unless the volume's header "
+    f"records the spacing, DATA_DIR/<case>{SPACING_SUFFIX} (3 values, mm per voxel along X, Y, Z)"
 )
 
 
@@ -48,23 +63,62 @@ class CTDataError(DataLayoutError):
     """A CT data folder or one of its files cannot be used; the message names them."""
 
 
+def ct_sites(case_ids: list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """Site names and each case's site index of :func:`scan_ct_folder`'s ``sites=True`` ids."""
+    prefixes = [c.split("/", 1)[0] for c in case_ids]
+    names, site_of = np.unique(np.asarray(prefixes), return_inverse=True)
+    return tuple(str(n) for n in names), site_of.astype(np.int64)
+
+
 def _paths(data_dir: str | Path, case_id: str) -> tuple[Path, Path, Path]:
     root = Path(data_dir)
     return root / f"{case_id}{VOLUME_SUFFIX}", root / f"{case_id}{LABEL_SUFFIX}", root / f"{case_id}{SPACING_SUFFIX}"
 
 
-def scan_ct_folder(data_dir: str | Path) -> list[str]:
-    """Sorted case ids of ``data_dir`` (one per ``<case>_volume.nrrd``); checks that every volume
-    has its label and spacing file (only file names are looked at: cheap)."""
+def volume_path(data_dir: str | Path, case_id: str) -> Path:
+    """The case's volume: ``<case>_volume.nrrd`` if it exists, else the first of the other formats
+    that does (``.nii.gz``, ``.nii``, ``.dcm``, the ``<case>_volume/`` series folder); the NRRD
+    name when none exists (so errors name the authors' file)."""
+    root = Path(data_dir)
+    nrrd_path = root / f"{case_id}{VOLUME_SUFFIX}"
+    if nrrd_path.is_file():
+        return nrrd_path
+    for suffix in OTHER_VOLUME_SUFFIXES:
+        if (p := root / f"{case_id}{suffix}").is_file():
+            return p
+    series = root / f"{case_id}_volume"
+    return series if series.is_dir() else nrrd_path
+
+
+def _case_id(path: Path) -> str | None:
+    name = path.name
+    for suffix in (VOLUME_SUFFIX, *OTHER_VOLUME_SUFFIXES):
+        if name.endswith(suffix) and path.is_file():
+            return name[: -len(suffix)]
+    if name.endswith("_volume") and is_dicom_series(path):
+        return name[: -len("_volume")]
+    return None
+
+
+def scan_ct_folder(data_dir: str | Path, sites: bool = False) -> list[str]:
+    """Sorted case ids of ``data_dir`` (one per volume file or series folder); checks that every
+    volume has its label file (only names are looked at, and the first bytes of one file per
+    folder: cheap). A missing ``_spacing.npy`` is looked for in the header when the case is read.
+    With ``sites``, ``data_dir`` holds one such folder per site (:mod:`fedsim.data.sites`) and the
+    ids are ``<site>/<case>`` (so ``DATA_DIR / id`` still names the case's files), site by site."""
+    if sites:
+        from fedsim.data.sites import scan_sites
+
+        return [f"{name}/{case}" for name, cases in scan_sites(data_dir, scan_ct_folder) for case in cases]
     root = Path(data_dir)
     if not root.is_dir():
         raise CTDataError(f"CT data folder {root} does not exist; {EXPECTED_LAYOUT}")
-    ids = sorted(p.name[: -len(VOLUME_SUFFIX)] for p in root.glob(f"*{VOLUME_SUFFIX}") if p.is_file())
+    ids = sorted({c for p in root.iterdir() if (c := _case_id(p)) is not None})
     if not ids:
-        raise CTDataError(f"no *{VOLUME_SUFFIX} files found in {root}; {EXPECTED_LAYOUT}")
-    missing = [str(p) for c in ids for p in _paths(root, c)[1:] if not p.is_file()]
+        raise CTDataError(f"no *{VOLUME_SUFFIX} files found in {root} (nor NIfTI / DICOM volumes); {EXPECTED_LAYOUT}")
+    missing = [str(p) for c in ids if not (p := _paths(root, c)[1]).is_file()]
     if missing:
-        raise CTDataError(f"CT cases in {root} lack their label or spacing file: missing {', '.join(missing[:10])}; {EXPECTED_LAYOUT}")
+        raise CTDataError(f"CT cases in {root} lack their label file: missing {', '.join(missing[:10])}; {EXPECTED_LAYOUT}")
     return ids
 
 
@@ -106,39 +160,54 @@ def load_ct_spacing(data_dir: str | Path, case_id: str) -> np.ndarray:
     return sp
 
 
-def _read_nrrd(path: Path) -> np.ndarray:
-    import nrrd
-
-    if not path.is_file():
+def _read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """The volume's array (NRRD: its own dtype) and its header's spacing (``None`` if it has none)."""
+    if not (path.is_file() or path.is_dir()):
         raise CTDataError(f"volume file {path} does not exist; {EXPECTED_LAYOUT}")
     try:
-        data, _ = nrrd.read(str(path), index_order="F")
-    except Exception as exc:  # pynrrd raises NRRDError, ValueError, zlib/gzip errors ... on bad files
-        msg = f"cannot read {path} as an NRRD volume ({type(exc).__name__}: {exc}); is the file complete?"
-        raise CTDataError(msg) from exc
-    return np.asarray(data)
+        vol = read_volume(path)
+    except MedicalImageError as exc:
+        raise CTDataError(str(exc)) from exc
+    return vol.array, vol.spacing
 
 
 def scale_intensities(volume: np.ndarray) -> np.ndarray:
     """Float32 in [0, 1] by the module's rule: HU window [-1000, 2000] if the minimum is <= -500,
     unchanged if already in [0, 1], else min-max."""
+    # MONAI's intensity transforms (imported here: only real CT pays MONAI's import); bit-identical
+    # to the formulas they replaced, clip((v + 1000) / 3000, 0, 1) and (v - lo) / (hi - lo).
+    from monai.transforms import ScaleIntensity, ScaleIntensityRange
+
     v = np.asarray(volume, dtype=np.float32)
     lo, hi = float(v.min()), float(v.max())
     if lo <= -500.0:
-        return np.clip((v - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0.0, 1.0)
+        return np.asarray(ScaleIntensityRange(a_min=HU_WINDOW[0], a_max=HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True)(v), dtype=np.float32)
     if lo >= 0.0 and hi <= 1.0:
         return v
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    return np.asarray(ScaleIntensity(minv=0.0, maxv=1.0)(v), dtype=np.float32)  # a constant volume becomes 0
 
 
 def load_ct_case(data_dir: str | Path, case_id: str, num_landmarks: int | None = None) -> CTCase:
     """Read one case (volume, landmarks, spacing) and check it: the volume is 3-D and finite, the
     labels are ``(L, 3)`` (``L == num_landmarks`` if given), the spacing is 3 positive values and
     every present landmark lies inside the volume (+- :data:`LANDMARK_TOLERANCE` voxels)."""
-    vol_path = _paths(data_dir, case_id)[0]
+    vol_path = volume_path(data_dir, case_id)
     landmarks = load_ct_labels(data_dir, case_id, num_landmarks)
-    spacing = load_ct_spacing(data_dir, case_id)
-    vol = _read_nrrd(vol_path)
+    vol, header_spacing = _read_volume(vol_path)
+    spacing_path = _paths(data_dir, case_id)[2]
+    if spacing_path.is_file() or header_spacing is None:
+        spacing = load_ct_spacing(data_dir, case_id)
+        if header_spacing is not None and not np.allclose(header_spacing, spacing, rtol=SPACING_MISMATCH, atol=0.0):
+            logger.warning(
+                "CT case %s: %s says spacing %s mm, the volume's header %s mm; using %s",
+                case_id,
+                spacing_path.name,
+                spacing.tolist(),
+                list(header_spacing),
+                spacing_path.name,
+            )
+    else:
+        spacing = np.asarray(header_spacing, dtype=np.float64)
     if vol.ndim != 3:
         raise CTDataError(f"volume file {vol_path} holds a {vol.ndim}-D array of shape {vol.shape}; expected a 3-D CT volume (X, Y, Z)")
     if not np.issubdtype(vol.dtype, np.number) or not np.isfinite(vol).all():

@@ -9,7 +9,10 @@ Both splits are merged (3,264 images), as in the paper. Any other ``DATA_DIR/<cl
 tree works too; a task that knows its classes passes them (``classes``) and then every class
 folder must be one of them (labels follow the task's order, so a missing class shifts nothing).
 Images may have mixed sizes and be grayscale or RGB (jpg/png/bmp/tif); they are converted to
-grayscale and resized to a square ``image_size``. An image that is empty, truncated, not an image,
+grayscale and resized to a square ``image_size``. MRI slices may also be DICOM (``.dcm``, read with
+pydicom, rescale slope/intercept applied) or NIfTI (``.nii``/``.nii.gz``, nibabel; of a 3D volume
+the middle slice along Z) files (:mod:`fedsim.data.medical`); their values are scaled by the
+image's own min/max to 0-255 before the same bilinear resize. An image that is empty, truncated, not an image,
 or larger than :data:`MAX_IMAGE_PIXELS` (a decompression bomb) is refused naming the file.
 """
 
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+#: Medical 2D formats read through :mod:`fedsim.data.medical` (pydicom, nibabel).
+MEDICAL_SLICE_SUFFIXES = (".dcm", ".nii", ".nii.gz")
 KAGGLE_SPLITS = ("Training", "Testing")
 KAGGLE_CLASSES = ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor")
 #: Larger images are refused before they are decoded (64 megapixels, e.g. 8000 x 8000).
@@ -31,7 +36,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 EXPECTED_LAYOUT = (
     "expected either the Kaggle layout DATA_DIR/Training/<class>/ and DATA_DIR/Testing/<class>/ "
     f"(classes {', '.join(KAGGLE_CLASSES)}) or one folder per class DATA_DIR/<class>/ holding "
-    f"images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    f"images ({', '.join(sorted(IMAGE_SUFFIXES))}, {', '.join(MEDICAL_SLICE_SUFFIXES)})"
 )
 
 
@@ -45,24 +50,35 @@ class BadImageError(DataLayoutError):
 
 @dataclass(frozen=True)
 class FileList:
-    """Image paths with integer labels; ``class_names[label]`` names the folder."""
+    """Image paths with integer labels; ``class_names[label]`` names the folder. A multi-site
+    folder (``sites=True``) also gives the site names and each image's site index."""
 
     paths: tuple[Path, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    sites: tuple[str, ...] = ()
+    site_of: np.ndarray | None = None
+
+
+def _is_medical(path: Path) -> bool:
+    return path.name.lower().endswith(MEDICAL_SLICE_SUFFIXES)
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_medical(p)))
 
 
-def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None) -> FileList:
+def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None, sites: bool = False) -> FileList:
     """List the images under ``data_dir`` (Kaggle layout or class-per-folder) without reading them.
 
     Cheap, so that the CLI can validate a data folder before any training starts. With
     ``classes`` (the task's class names, in label order) every class folder must be one of them,
     and ``labels`` index into ``classes``; otherwise the sorted folder names are the classes.
+    With ``sites``, ``data_dir`` holds one such folder per site (:mod:`fedsim.data.sites`): the
+    sites' images are listed one site after the other, and every site must hold the same classes.
     """
+    if sites:
+        return _scan_sites(data_dir, classes)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataLayoutError(f"data folder {root} does not exist or is not a folder; {EXPECTED_LAYOUT}")
@@ -94,6 +110,21 @@ def scan_image_folder(data_dir: str | Path, classes: Sequence[str] | None = None
     return FileList(tuple(paths), np.asarray(labels, dtype=np.int64), tuple(class_names))
 
 
+def _scan_sites(data_dir: str | Path, classes: Sequence[str] | None) -> FileList:
+    from fedsim.data.sites import scan_sites, site_index
+
+    per_site = scan_sites(data_dir, lambda d: scan_image_folder(d, classes), lambda f: {f.class_names[i] for i in np.unique(f.labels)})
+    names = tuple(name for name, _ in per_site)
+    lists = [f for _, f in per_site]
+    return FileList(
+        tuple(p for f in lists for p in f.paths),
+        np.concatenate([f.labels for f in lists]),
+        lists[0].class_names,
+        names,
+        site_index([len(f.paths) for f in lists]),
+    )
+
+
 def load_images(files: FileList, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read every image as grayscale, resized to ``image_size`` square: uint8 (N, H, W).
 
@@ -104,6 +135,9 @@ def load_images(files: FileList, image_size: int, max_pixels: int = MAX_IMAGE_PI
 
     out = np.empty((len(files.paths), image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(files.paths):
+        if _is_medical(path):
+            out[i] = _load_medical_slice(path, image_size, max_pixels)
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -118,3 +152,22 @@ def load_images(files: FileList, image_size: int, max_pixels: int = MAX_IMAGE_PI
             reason = "the file is empty" if path.stat().st_size == 0 else str(exc)
             raise BadImageError(f"cannot read image {path}: {reason}; fix or remove the file") from exc
     return out
+
+
+def _load_medical_slice(path: Path, image_size: int, max_pixels: int) -> np.ndarray:
+    """A DICOM / NIfTI slice as uint8 ``image_size`` square: min-max to 0-255 (a constant image
+    becomes 0), then PIL's bilinear resize as for the other images."""
+    from PIL import Image
+
+    from fedsim.data.medical import read_slice, slice_pixels
+
+    if (pixels := slice_pixels(path)) > max_pixels:
+        raise BadImageError(
+            f"image {path} has {pixels} pixels, more than fedsim's limit of {max_pixels / 1e6:g} megapixels; downscale or remove it"
+        )
+    img = read_slice(path)
+    if not np.isfinite(img).all():
+        raise BadImageError(f"image {path} holds NaN or infinite values; fix or remove the file")
+    lo, hi = float(img.min()), float(img.max())
+    u8 = np.round((img - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(u8).resize((image_size, image_size), Image.Resampling.BILINEAR))

@@ -82,6 +82,7 @@ def _resample(volume: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(vol))[None, None]
+    # Not MONAI's Resize/Zoom: they call this same F.interpolate, and the landmarks need this exact voxel-centre map, not an affine.
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 

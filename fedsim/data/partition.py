@@ -3,7 +3,8 @@
 * ``identical``: every client gets all samples (the CME paper's scenarios 3 and 4);
 * ``iid``: shuffle and equipartition (scenarios 1 and 2);
 * ``dirichlet``: label skew, per-class client shares drawn from Dir(alpha);
-* ``sizes``: shuffle and split by given fractions (hospitals of different size).
+* ``sizes``: shuffle and split by given fractions (hospitals of different size);
+* ``sites``: the data folder's own split, one client per site folder (:mod:`fedsim.data.sites`).
 
 A partitioner takes the label vector and returns one sorted index array per client.
 """
@@ -20,11 +21,13 @@ from fedsim.registry import Registry
 
 @dataclass(frozen=True)
 class PartitionParams:
-    """Parameters some partitioners use: ``alpha`` (dirichlet) and ``fractions`` (sizes)."""
+    """Parameters some partitioners use: ``alpha`` (dirichlet), ``fractions`` (sizes) and
+    ``sites`` (sites: the site index of every sample, in the order of the labels)."""
 
     alpha: float = 0.5
     fractions: tuple[float, ...] = ()
     min_size: int = 2
+    sites: tuple[int, ...] = ()
 
 
 Partitioner = Callable[[np.ndarray, int, int, PartitionParams], list[np.ndarray]]
@@ -70,6 +73,23 @@ def sizes(labels: np.ndarray, n: int, seed: int, params: PartitionParams) -> lis
     parts = np.split(perm, bounds[:-1])
     if min(len(p) for p in parts) == 0:
         raise ValueError(f"fractions {tuple(params.fractions)} leave a client with no samples out of {len(labels)}")
+    return parts
+
+
+@PARTITIONERS.register("sites")
+def sites(labels: np.ndarray, n: int, seed: int, params: PartitionParams) -> list[np.ndarray]:
+    """One client per site: client ``k`` gets the samples of site ``k`` (no randomness)."""
+    if len(params.sites) != len(labels):
+        raise ValueError(
+            "partition 'sites' needs the site of every sample: give --data-dir DATA_DIR with one folder per site (DATA_DIR/<site>/...)"
+        )
+    site = np.asarray(params.sites, dtype=np.int64)
+    num_sites = int(site.max()) + 1 if len(site) else 0
+    if num_sites != n:
+        raise ValueError(f"the data has {num_sites} sites but the run has {n} clients; the number of clients is the number of sites")
+    parts = [np.flatnonzero(site == k) for k in range(n)]
+    if empty := [k for k, p in enumerate(parts) if len(p) == 0]:
+        raise ValueError(f"site(s) {', '.join(map(str, empty))} have no samples left after the global test set")
     return parts
 
 

@@ -236,6 +236,7 @@ class UNet3DBackbone(nn.Module):
     LeakyReLU``, max-pooling down, trilinear upsampling + concatenation up. Full-resolution output
     ``(B, widths[0], X, Y, Z)``; sizes must be divisible by ``2 ** (len(widths) - 1)``."""
 
+    # Not MONAI's BasicUNet/UNet: other blocks (dropout, transposed-conv or residual strided units), so other parameters and results.
     stride = 1
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), in_channels: int = 1) -> None:

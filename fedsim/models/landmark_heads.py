@@ -279,6 +279,7 @@ class AnchorHead(nn.Module):
 def gaussian_heatmaps(landmarks: torch.Tensor, shape: tuple[int, int, int], sigma: float) -> torch.Tensor:
     """Target maps ``(B, L, *shape)``: ``exp(-|x - p|^2 / (2 sigma^2))`` at present landmarks, 0 for
     missing ones (computed as a product of three 1D Gaussians: it is separable)."""
+    # Not MONAI's GenerateHeatmap: it rounds each centre to a voxel, truncates at 4 sigma and drops points outside the grid.
     p = landmarks.float()
     g = [torch.exp(-((torch.arange(n, device=p.device) - p[..., i, None]) ** 2) / (2 * sigma**2)) for i, n in enumerate(shape)]
     return (g[0][..., :, None, None] * g[1][..., None, :, None] * g[2][..., None, None, :]).nan_to_num(0.0)

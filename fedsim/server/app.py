@@ -414,7 +414,10 @@ def run_server(
             "per-client test metrics are each client's own model",
             cfg.strategy, len(local), len(shared), ", ".join(local[:4]) + (", ..." if len(local) > 4 else ""),
         )  # fmt: skip
-    recorder = RoundRecorder(run_dir, client_models, global_eval if complete and not local else None)
+    sites = task.site_names(cfg)
+    if sites:
+        logger.info("one client per site: %s", ", ".join(f"client {k} = {name}" for k, name in enumerate(sites)))
+    recorder = RoundRecorder(run_dir, client_models, global_eval if complete and not local else None, sites)
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None

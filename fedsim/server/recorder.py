@@ -51,9 +51,11 @@ class RoundRecorder:
         run_dir: RunDir,
         client_models: Sequence[str],
         global_eval: Callable[[ArrayRecord], dict[str, float]] | None = None,
+        sites: Sequence[str] = (),
     ) -> None:
         self.run_dir = run_dir
         self.client_models = tuple(client_models)
+        self.sites = tuple(sites)  # client k's site name (--partition sites); () = no sites
         self.global_eval = global_eval
         self._train: dict[int, dict[str, Any]] = {}
         self._eval: dict[int, dict[str, Any]] = {}
@@ -91,13 +93,15 @@ class RoundRecorder:
         for pid in sorted(set(self._train) | set(self._eval)):
             tr, ev = self._train.get(pid, {}), self._eval.get(pid, {})
             row: dict[str, Any] = {"client": pid, "model": self.client_models[pid]}
+            if self.sites:
+                row["site"] = self.sites[pid]
             row["num_examples"] = int(tr.get("num-examples", 0))
             row["num_test_examples"] = int(ev.get("num-examples", 0))
             for src in (tr, ev):
                 row.update({name: float(v) for k, v in src.items() if (name := _field(k))})
             clients.append(row)
             logger.info(
-                "round %d client %d (%s): %s", server_round, pid, row["model"],
+                "round %d client %d%s (%s): %s", server_round, pid, f" [{row['site']}]" if self.sites else "", row["model"],
                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train_", "test_"))),
             )  # fmt: skip
         if glob:

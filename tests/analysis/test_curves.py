@@ -35,14 +35,27 @@ def test_client_curves_arrays():
         client_curves([])
 
 
+def _drawn(ax) -> set[tuple[tuple[float, ...], tuple[float, ...]]]:
+    return {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.lines if len(line.get_xdata())}
+
+
 def test_display_draws_the_computed_arrays():
     c = client_curves(ROWS)
     fig = ClientCurvesDisplay(c).plot()
     acc_ax, loss_ax = fig.axes
-    test_line = acc_ax.lines[2]  # client 1, test accuracy
-    np.testing.assert_array_equal(test_line.get_xdata(), c.rounds)
-    np.testing.assert_array_equal(test_line.get_ydata(), c.values["test_accuracy"][1])
-    np.testing.assert_array_equal(loss_ax.lines[1].get_ydata(), c.values["train_loss"][0])
+    assert ((1.0, 2.0), (0.5, 0.7)) in _drawn(acc_ax)  # client 1, test accuracy
+    assert ((1.0, 2.0), (0.3, 0.5)) in _drawn(acc_ax)  # client 0, train accuracy
+    assert ((1.0,), (0.25,)) in _drawn(acc_ax)  # client 0's test accuracy: round 2 missing, a gap
+    assert ((1.0, 2.0), (1.2, 0.9)) in _drawn(loss_ax)  # client 1, train loss
+    assert len(_drawn(acc_ax)) == 4
+    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert "client 0 (resnet50)" in labels and "client 1 (densenet121)" in labels
+
+
+def test_display_long_form_breaks_lines_at_missing_rounds():
+    rows = [{"round": r, "clients": [{"client": 0, "model": "m", "test_loss": v}]} for r, v in ((1, 1.0), (2, None), (3, 0.5), (4, 0.4))]
+    data = ClientCurvesDisplay(client_curves(rows)).long_form("loss")
+    assert data["round"] == [1, 3, 4] and data["loss"] == [1.0, 0.5, 0.4] and data["segment"] == [1, 2, 2]
 
 
 def test_null_metrics_stay_nan():

@@ -83,7 +83,11 @@ def test_scan_errors_name_the_layout_and_missing_file(tmp_path):
     (tmp_path / "b_label.npy").unlink()
     with pytest.raises(CTDataError, match=r"b_label\.npy"):
         scan_ct_folder(tmp_path)
-    (tmp_path / "a_spacing.npy").unlink()
+    (tmp_path / "a_spacing.npy").unlink()  # then the NRRD header's spacing (write_ct_case records it there)
+    assert load_ct_case(tmp_path, "a").spacing.tolist() == [0.5, 0.5, 1.25]
+    import nrrd
+
+    nrrd.write(str(tmp_path / "a_volume.nrrd"), np.zeros(SHAPE, np.float32), index_order="F")  # a header without spacing
     with pytest.raises(CTDataError, match=r"a_spacing\.npy"):
         load_ct_case(tmp_path, "a")
 
@@ -144,3 +148,16 @@ def test_write_validates_and_overwrites(tmp_path):
     case = load_ct_case(tmp_path, "c1")
     assert case.volume.min() == 1.0 and case.spacing.tolist() == [1, 1, 2]
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_scaling_is_bit_identical_to_the_formulas_monai_replaced():
+    """scale_intensities goes through MONAI's ScaleIntensityRange / ScaleIntensity; the results must
+    equal fedsim's former numpy formulas bit for bit (the task docs' numbers depend on them)."""
+    rng = np.random.default_rng(3)
+    hu = rng.uniform(-1300, 2600, SHAPE).astype(np.float32)
+    np.testing.assert_array_equal(scale_intensities(hu), np.clip((hu - -1000.0) / 3000.0, 0.0, 1.0))
+    raw = rng.uniform(90, 4100, SHAPE).astype(np.float32)
+    lo, hi = float(raw.min()), float(raw.max())
+    out = scale_intensities(raw)
+    assert type(out) is np.ndarray and out.dtype == np.float32
+    np.testing.assert_array_equal(out, (raw - lo) / (hi - lo))

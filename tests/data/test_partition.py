@@ -50,7 +50,7 @@ def test_dirichlet_small_alpha_skews_labels():
         ("dirichlet", 3, PartitionParams(alpha=0), "alpha must be > 0"),
         ("sizes", 3, PartitionParams(fractions=(0.5, 0.5)), "one fraction per client"),
         ("sizes", 2, PartitionParams(fractions=(1.0, -1.0)), "must be > 0"),
-        ("nope", 2, None, "unknown partitioner 'nope'; valid choices: dirichlet, identical, iid, sizes"),
+        ("nope", 2, None, "unknown partitioner 'nope'; valid choices: dirichlet, identical, iid, sites, sizes"),
     ],
 )
 def test_bad_input(name, n, params, message):
@@ -67,4 +67,4 @@ def test_split_train_test():
 
 
 def test_list():
-    assert list_partitioners() == ["dirichlet", "identical", "iid", "sizes"]
+    assert list_partitioners() == ["dirichlet", "identical", "iid", "sites", "sizes"]

@@ -192,6 +192,7 @@ def augment_oct_authors(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     (The release uses scipy's nearest zoom, whose grid differs from ``F.interpolate``'s nearest by
     at most one voxel at the edges of each run.)"""
+    # Not MONAI's transforms: this reproduces the authors' release step by step (their draws, order and 8-bit truncation).
     out = []
     shape = x.shape[2:]
     for volume in x:
@@ -218,17 +219,20 @@ def task_shape(cfg: ResolvedConfig) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _scan(data_dir: str) -> VolumeFiles:
-    return scan_oct_folder(data_dir)
+def _scan(data_dir: str, sites: bool = False) -> VolumeFiles:
+    return scan_oct_folder(data_dir, sites)
 
 
 @functools.lru_cache(maxsize=6)
-def _volumes(data_dir: str, shape: tuple[int, int, int], seed: int, indices: tuple[int, ...], intensity: str = "minmax") -> np.ndarray:
+def _volumes(
+    data_dir: str, shape: tuple[int, int, int], seed: int, indices: tuple[int, ...], intensity: str = "minmax", sites: bool = False
+) -> np.ndarray:
     """Volumes ``(len(indices), D, H, W)`` uint8 of these cohort indices. Only the volumes a
     process needs are generated / read (a synthetic volume is a pure function of (seed, index)),
-    so at paper size no process holds the whole cohort; cached per process for speed."""
+    so at paper size no process holds the whole cohort; cached per process for speed. ``sites``:
+    ``data_dir`` holds one folder per site."""
     if data_dir:
-        files = _scan(data_dir)
+        files = _scan(data_dir, sites)
         sub = VolumeFiles(tuple(files.paths[i] for i in indices), files.labels[list(indices)])
         logger.info("reading %d OCT volumes from %s at %s", len(indices), data_dir, shape)
         return load_volumes(sub, shape, intensity)
@@ -240,7 +244,8 @@ def volumes(cfg: ResolvedConfig, idx: np.ndarray, data_dir: str | None = None) -
     d = cfg.data_dir if data_dir is None else data_dir
     opts = parse_options(AICNet3DOptions, cfg.task_options, "task", "aicnet3d")
     intensity = "raw" if opts is not None and opts.plan().input == "authors" else "minmax"
-    return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx), intensity)
+    sites = cfg.partition == "sites" and bool(d) and d == cfg.data_dir
+    return _volumes(d, task_shape(cfg), cfg.seed, tuple(int(i) for i in idx), intensity, sites)
 
 
 def balanced_subset(strata: np.ndarray, seed: int) -> np.ndarray:
@@ -337,30 +342,37 @@ class AICNet3DTask(CohortTask):
         opts: AICNet3DOptions = self.options(cfg)
         return opts.plan()
 
-    def groups(self, data_dir: str) -> np.ndarray | None:
+    def groups(self, data_dir: str, cfg: ResolvedConfig | None = None) -> np.ndarray | None:
         """Patient index per cohort volume (real data whose file names carry patient ids), else ``None``."""
         if not data_dir:
             return None
-        files = _scan(data_dir)
+        files = _scan(data_dir, cfg is not None and self.reads_sites(cfg, data_dir))
         return None if files.groups is None else np.unique(np.asarray(files.groups), return_inverse=True)[1]
 
     def make_split(self, cfg: ResolvedConfig, strata: np.ndarray) -> CohortSplit:
         """The scaffold's split, with two additions: ``balanced-cohort`` first cuts every class to
         the smallest one (the authors' balanced sets), and with patient ids whole patients go to the
         global test set, to one client and to one side of each client's splits."""
-        groups = self.groups(cfg.data_dir)
+        groups = self.groups(cfg.data_dir, cfg)
         if groups is None:
             return super().make_split(cfg, strata)
         keep = balanced_subset(strata, cfg.seed) if self.plan(cfg).balanced_cohort else np.arange(len(strata))
         pool, global_test = _group_split(keep, groups, cfg.global_test_fraction, cfg.seed + 101)
         uniq = np.unique(groups[pool])
         g_label = np.array([strata[pool][groups[pool] == g].max() for g in uniq])
+        g_site: tuple[int, ...] = ()
+        if cfg.partition == "sites":  # patient ids carry their site, so each patient lies in one site
+            site_of = self.sites_of(cfg)[1]
+            g_site = tuple(int(site_of[pool][groups[pool] == g][0]) for g in uniq)
         try:
-            parts = partition(cfg.partition, g_label, cfg.clients, cfg.seed, PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions))
+            params = PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions, sites=g_site)
+            parts = partition(cfg.partition, g_label, cfg.clients, cfg.seed, params)
         except ValueError as exc:
             raise ConfigError(f"cannot partition {len(uniq)} training patients among {cfg.clients} clients: {exc}") from exc
         shares = [np.sort(pool[np.isin(groups[pool], uniq[p])]) for p in parts]
-        return CohortSplit(global_test, tuple(self.split_client(cfg, share, strata, f"client {k}") for k, share in enumerate(shares)))
+        return CohortSplit(
+            global_test, tuple(self.split_client(cfg, share, strata, self.client_name(cfg, k)) for k, share in enumerate(shares))
+        )
 
     def hold_out_global(self, cfg: ResolvedConfig, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The scaffold's random global test set; with ``balanced-cohort`` a class-stratified one
@@ -377,8 +389,14 @@ class AICNet3DTask(CohortTask):
     def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
         """Class labels of the whole cohort (cheap: no volume is decoded or generated)."""
         if data_dir:
-            return _scan(data_dir).labels
+            return _scan(data_dir, self.reads_sites(cfg, data_dir)).labels
         return cohort_labels(cfg.num_samples)
+
+    def site_layout(self, cfg: ResolvedConfig, data_dir: str) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """``DATA_DIR/<site>/`` each in one of the task's layouts (class folders, ``labels.csv``, the authors' tree)."""
+        files = _scan(data_dir, True)
+        assert files.site_of is not None
+        return files.sites, files.site_of
 
     def _val_fraction(self, cfg: ResolvedConfig) -> float | None:
         opts: AICNet3DOptions = self.options(cfg)
@@ -391,7 +409,7 @@ class AICNet3DTask(CohortTask):
         need = 4 if val_fraction else 3
         if len(idx) < need:
             raise ConfigError(f"{who} gets only {len(idx)} volumes; need at least {need} (use fewer clients or more samples)")
-        groups = self.groups(cfg.data_dir)
+        groups = self.groups(cfg.data_dir, cfg)
         split = stratified_split if groups is None else lambda i, _s, f, seed: _group_split(i, groups, f, seed)
         train, test = split(idx, strata, cfg.local_test_fraction, cfg.seed)
         val = np.zeros(0, np.int64)

@@ -80,6 +80,11 @@ class Task(ABC):
         """Build the registered model ``name`` with this run's :meth:`model_config`."""
         return build_model(name, **self.model_config(cfg))
 
+    def site_names(self, cfg: ResolvedConfig) -> tuple[str, ...]:
+        """The clients' site names (client ``k`` is site ``k``) when the data come one folder per
+        site (``--partition sites``); ``()`` otherwise (the default)."""
+        return ()
+
     def figure_arrays(self, run_dir: Path, cfg: ResolvedConfig) -> Sequence[Any]:
         """Arrays for task-specific figures of ``fedsim analyze`` (e.g. attention maps, landmarks on
         slices), computed from the run's final global parameters; each is drawn by its display

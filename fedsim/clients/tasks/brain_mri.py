@@ -69,10 +69,11 @@ class BrainMRIOptions:
 
 
 @functools.lru_cache(maxsize=2)
-def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W) uint8 and labels; cached per process purely for speed (deterministic)."""
+def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int, sites: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W) uint8 and labels; cached per process purely for speed (deterministic).
+    ``sites``: ``data_dir`` holds one folder per site (pooled site by site)."""
     if data_dir:
-        files = scan_image_folder(data_dir, KAGGLE_CLASSES)
+        files = scan_image_folder(data_dir, KAGGLE_CLASSES, sites=sites)
         logger.info("reading %d images from %s at %d px", len(files.paths), data_dir, image_size)
         return load_images(files, image_size), files.labels
     logger.info("generating the synthetic cohort: %d images at %d px (seed %d)", num_samples, image_size, seed)
@@ -81,7 +82,8 @@ def _cohort(data_dir: str, image_size: int, num_samples: int, seed: int) -> tupl
 
 def cohort(cfg: ResolvedConfig, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     d = cfg.data_dir if data_dir is None else data_dir
-    return _cohort(d, cfg.image_size, cfg.num_samples if not d else 0, cfg.seed)
+    sites = cfg.partition == "sites" and bool(d) and d == cfg.data_dir
+    return _cohort(d, cfg.image_size, cfg.num_samples if not d else 0, cfg.seed, sites)
 
 
 @register_task("brain_mri")
@@ -109,8 +111,14 @@ class BrainMRITask(CohortTask):
     def strata(self, cfg: ResolvedConfig, data_dir: str) -> np.ndarray:
         """Class labels (synthetic: index ``i`` has class ``i % 4``; a folder: its class folders)."""
         if data_dir:
-            return scan_image_folder(data_dir, KAGGLE_CLASSES).labels
+            return scan_image_folder(data_dir, KAGGLE_CLASSES, sites=self.reads_sites(cfg, data_dir)).labels
         return np.arange(cfg.num_samples, dtype=np.int64) % len(CLASS_NAMES)
+
+    def site_layout(self, cfg: ResolvedConfig, data_dir: str) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """``DATA_DIR/<site>/<class>/...`` (or each site in the Kaggle layout)."""
+        files = scan_image_folder(data_dir, KAGGLE_CLASSES, sites=True)
+        assert files.site_of is not None
+        return files.sites, files.site_of
 
     def split_client(self, cfg: ResolvedConfig, idx: np.ndarray, strata: np.ndarray, who: str) -> tuple[np.ndarray, ...]:
         """A seeded random ``(train, test)`` split (``local_test_fraction``)."""

@@ -80,7 +80,7 @@ from fedsim.clients.tasks.registry import register_task
 from fedsim.clients.tasks.scaffold import CohortTask
 from fedsim.clients.training import LocalTraining, Metrics, TrainStep
 from fedsim.config import ConfigError, Profile, ResolvedConfig
-from fedsim.data.ct_folder import load_ct_case, load_ct_labels, scan_ct_folder
+from fedsim.data.ct_folder import ct_sites, load_ct_case, load_ct_labels, scan_ct_folder
 from fedsim.data.landmark_crop import PreparedCase, fit_zoom, landmark_centre, native_region, prepare_case, prepare_native
 from fedsim.data.partition import stratified_split
 from fedsim.data.synthetic_ct import NUM_LANDMARKS, CTCase, generate_case, missing_landmarks
@@ -211,23 +211,26 @@ def crop_shape(image_size: int) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- data
 @functools.lru_cache(maxsize=2)
-def _scan(data_dir: str) -> tuple[str, ...]:
-    return tuple(scan_ct_folder(data_dir))
+def _scan(data_dir: str, sites: bool = False) -> tuple[str, ...]:
+    """Case ids; ``sites``: ``data_dir`` holds one folder per site, ids ``<site>/<case>``."""
+    return tuple(scan_ct_folder(data_dir, sites))
 
 
 @functools.lru_cache(maxsize=2)
-def _real_strata(data_dir: str, num_landmarks: int) -> np.ndarray:
-    return np.array([np.isnan(load_ct_labels(data_dir, c, num_landmarks)).any() for c in _scan(data_dir)], np.int64)
+def _real_strata(data_dir: str, num_landmarks: int, sites: bool = False) -> np.ndarray:
+    return np.array([np.isnan(load_ct_labels(data_dir, c, num_landmarks)).any() for c in _scan(data_dir, sites)], np.int64)
 
 
 @functools.lru_cache(maxsize=6)
-def _cases(data_dir: str, native: tuple[int, int, int], seed: int, indices: tuple[int, ...], num_landmarks: int) -> tuple[CTCase, ...]:
+def _cases(
+    data_dir: str, native: tuple[int, int, int], seed: int, indices: tuple[int, ...], num_landmarks: int, sites: bool = False
+) -> tuple[CTCase, ...]:
     """The cases of these cohort indices at the working size ``native`` (1.25 x the crop),
     generated or read once per process (only those a process needs: no process holds the whole
     cohort). Real volumes are resampled to it once, with their landmarks and spacing (exact, see
     :func:`prepare_case`), so memory does not grow with the scanner's resolution."""
     if data_dir:
-        ids = _scan(data_dir)
+        ids = _scan(data_dir, sites)
         logger.info("reading %d CT cases from %s, resampled to %s", len(indices), data_dir, native)
         out = []
         for i in indices:
@@ -241,12 +244,18 @@ def _cases(data_dir: str, native: tuple[int, int, int], seed: int, indices: tupl
 
 @functools.lru_cache(maxsize=6)
 def _native_cases(
-    data_dir: str, crop: tuple[int, int, int], indices: tuple[int, ...], num_landmarks: int, zoom_min: float, eval_centre: str
+    data_dir: str,
+    crop: tuple[int, int, int],
+    indices: tuple[int, ...],
+    num_landmarks: int,
+    zoom_min: float,
+    eval_centre: str,
+    sites: bool = False,
 ) -> tuple[CTCase, ...]:
     """Real cases at their native spacing: each volume is read, and only the region that the
     training crops (zoom down to ``zoom_min``) and the evaluation crop can touch is kept
     (:func:`native_region`), with the scan's centre in its coordinates."""
-    ids = _scan(data_dir)
+    ids = _scan(data_dir, sites)
     logger.info("reading %d CT cases from %s at native resolution (crop %s)", len(indices), data_dir, crop)
     out = []
     for i in indices:
@@ -368,8 +377,12 @@ class H3DENetTask(CohortTask):
         so a wrong count is refused before any training."""
         opts: H3DENetOptions = self.options(cfg)
         if data_dir:
-            return _real_strata(data_dir, opts.num_landmarks)
+            return _real_strata(data_dir, opts.num_landmarks, self.reads_sites(cfg, data_dir))
         return np.array([len(missing_landmarks(i, cfg.seed)) > 0 for i in range(cfg.num_samples)], np.int64)
+
+    def site_layout(self, cfg: ResolvedConfig, data_dir: str) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """``DATA_DIR/<site>/`` each in the authors' layout (``<case>_volume.nrrd`` ...)."""
+        return ct_sites(_scan(data_dir, True))
 
     def hold_out_global(self, cfg: ResolvedConfig, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stratified by "has a missing landmark", so the global test set holds incomplete cases."""
@@ -402,9 +415,10 @@ class H3DENetTask(CohortTask):
         opts: H3DENetOptions = self.options(cfg)
         source, indices = self.data_source(cfg, data_dir), tuple(int(i) for i in idx)
         plan = self.plan(cfg, data_dir)
+        sites = self.reads_sites(cfg, source)
         if source and plan.resolution == "native":
-            return _native_cases(source, crop, indices, opts.num_landmarks, opts.zoom_min, plan.eval_centre)
-        return _cases(source, native, cfg.seed, indices, opts.num_landmarks)
+            return _native_cases(source, crop, indices, opts.num_landmarks, opts.zoom_min, plan.eval_centre, sites)
+        return _cases(source, native, cfg.seed, indices, opts.num_landmarks, sites)
 
     def local_training(
         self, model: nn.Module, cfg: ResolvedConfig, partition_id: int, server_round: int, device: torch.device, data_dir: str | None

@@ -10,7 +10,9 @@ Every fedsim task works on one cohort that is split once, by ``cfg.seed`` only:
    or train / validation / test).
 
 A node started with its own ``data-dir`` (deployment) uses that whole folder as its share (step 3
-only). Seeds of a round's shuffling and augmentation come from ``(seed, round, client)``
+only). With ``--partition sites`` the data folder holds one folder per site
+(:mod:`fedsim.data.sites`): the sites' samples form the cohort, and step 2 gives every client the
+rest of its own site (:meth:`CohortTask.site_layout`, one per task). Seeds of a round's shuffling and augmentation come from ``(seed, round, client)``
 (:meth:`CohortTask.round_seed`, with a per-task salt). A task supplies its strata, its client
 split, its data, one epoch of training and its evaluation.
 """
@@ -73,6 +75,34 @@ class CohortTask(Task):
     def check_config(self, cfg: ResolvedConfig) -> None:
         """Task-specific checks of the resolved config before the split (e.g. image sizes)."""
 
+    def site_layout(self, cfg: ResolvedConfig, data_dir: str) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """For a multi-site ``data_dir`` (``--partition sites``): the site names in client order and
+        the site index of every cohort sample; cheap (file names only). ``None``: the task cannot
+        read a multi-site folder (the default)."""
+        return None
+
+    # ------------------------------------------------------------ multi-site folders
+    def site_names(self, cfg: ResolvedConfig) -> tuple[str, ...]:
+        """The clients' site names (``--partition sites``; client ``k`` is site ``k``), else ``()``."""
+        return self.sites_of(cfg)[0] if cfg.partition == "sites" else ()
+
+    def sites_of(self, cfg: ResolvedConfig) -> tuple[tuple[str, ...], np.ndarray]:
+        """The run's site names and each cohort sample's site, checked against ``cfg.clients``."""
+        if not cfg.data_dir:
+            raise ConfigError(
+                "partition 'sites' reads the sites from --data-dir DATA_DIR (one folder per site, DATA_DIR/<site>/...); give one"
+            )
+        layout = self.site_layout(cfg, cfg.data_dir)
+        if layout is None:
+            raise ConfigError(f"task {self.name!r} cannot read a multi-site folder; use another --partition")
+        names, site_of = layout
+        if len(names) != cfg.clients:
+            raise ConfigError(
+                f"{cfg.data_dir} has {len(names)} site folder(s) ({', '.join(names)}) but the run has {cfg.clients} clients; "
+                f"with --partition sites the sites set the number of clients: drop --clients (or give --clients {len(names)})"
+            )
+        return names, site_of
+
     # ------------------------------------------------------------ the shared handling
     def data_source(self, cfg: ResolvedConfig, data_dir: str | None = None) -> str:
         """The folder to read: a node-local ``data_dir`` if given, else the run's (``""``: synthetic)."""
@@ -93,12 +123,25 @@ class CohortTask(Task):
     def make_split(self, cfg: ResolvedConfig, strata: np.ndarray) -> CohortSplit:
         """The seeded global-test / partition / client split of a cohort with these strata."""
         global_test, pool = self.hold_out_global(cfg, strata)
-        params = PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions)
+        sites = tuple(int(k) for k in self.sites_of(cfg)[1][pool]) if cfg.partition == "sites" else ()
+        params = PartitionParams(alpha=cfg.alpha, fractions=cfg.fractions, sites=sites)
         try:
             parts = partition(cfg.partition, strata[pool], cfg.clients, cfg.seed, params)
         except ValueError as exc:
             raise ConfigError(f"cannot partition {len(pool)} training {self.unit} among {cfg.clients} clients: {exc}") from exc
-        return CohortSplit(global_test, tuple(self.split_client(cfg, pool[p], strata, f"client {k}") for k, p in enumerate(parts)))
+        return CohortSplit(
+            global_test, tuple(self.split_client(cfg, pool[p], strata, self.client_name(cfg, k)) for k, p in enumerate(parts))
+        )
+
+    def client_name(self, cfg: ResolvedConfig, k: int) -> str:
+        """How messages name client ``k``: ``client k``, with its site ``client k (site NAME)``."""
+        names = self.site_names(cfg)
+        return f"client {k} (site {names[k]})" if names else f"client {k}"
+
+    def reads_sites(self, cfg: ResolvedConfig, source: str) -> bool:
+        """Whether ``source`` is read as a multi-site folder: the run's own ``data_dir`` with
+        ``--partition sites`` (a node-local folder is that node's own data)."""
+        return cfg.partition == "sites" and bool(source) and source == cfg.data_dir
 
     def client_split(
         self, cfg: ResolvedConfig, partition_id: int, data_dir: str | None = None

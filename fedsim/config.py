@@ -126,6 +126,10 @@ class RunConfig:
     min_clients: int = 0
     #: Write a checkpoint (``checkpoint.safetensors``) every this many rounds and after the last; 0 = never.
     checkpoint_every: int = 1
+    #: Experiment tracker the server logs every round to (:mod:`fedsim.tracking`): tensorboard, mlflow or none.
+    tracker: str = "tensorboard"
+    #: MLflow tracking URI; "" = a local store in the run directory (RUN_DIR/mlflow.db).
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().

@@ -2,7 +2,7 @@
 of the CME paper's Table 2.
 
 Runs are grouped into **conditions**: runs whose configs are equal except for the seed (and
-settings that do not change results: output folder, tracker, timeouts, checkpoints) are repeats of
+settings that do not change results: output folder, tracker, timeouts, checkpoints, CME recording) are repeats of
 one condition, and each curve is their mean with a 95 % t-interval over seeds
 (``mean +- t(0.975, n-1) * sd / sqrt(n)``; none with one run). A condition is labelled by its
 ``--by`` value (strategy or scenario) plus any other setting that differs between conditions;
@@ -29,10 +29,11 @@ from fedsim.config import ConfigError
 from fedsim.rundir import RunDir, atomic_write_bytes
 
 BY_CHOICES = ("strategy", "scenario", "model")
-#: Settings that do not make a different condition: the seed (repeats) and what does not change results.
+#: Settings that do not make a different condition: the seed (repeats) and what does not change results
+#: (CME recording only observes training: a tiny run gives the same metrics.jsonl with and without --cme).
 NOT_CONDITION = (
     "seed", "out", "tracker", "tracking_uri", "node_timeout", "round_timeout", "checkpoint_every", "client_models",
-    "scenario_description", "environment",
+    "scenario_description", "environment", "cme", "cme_layers", "cme_threshold", "cme_max_size", "cme_biases",
 )  # fmt: skip
 #: Series names: the mean over a condition's clients, and the global model (held-out global test set).
 CLIENTS, GLOBAL = "clients (mean)", "global model"
@@ -70,7 +71,7 @@ def t_quantile(p: float, df: int) -> float:
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
     def cdf(t: float) -> float:
-        x = np.linspace(0.0, t, 200_001)
+        x = np.linspace(0.0, t, 20_001)
         y = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
         return 0.5 + float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
 

@@ -336,6 +336,11 @@ def _cmd_list() -> None:
         if entry.options_type is not None:
             print(f"    --strategy-option: {_option_fields(entry.options_type)}")
     print("partitioners:", ", ".join(list_partitioners()))
+    from fedsim.tracking import TRACKERS
+
+    print("trackers:", ", ".join(TRACKERS.names()))
+    for name in TRACKERS.names():
+        print(f"  {name}: {TRACKERS.get(name).summary}")
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:

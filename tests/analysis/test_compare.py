@@ -109,3 +109,9 @@ def test_export_csv_is_long_format(three_runs):
             assert float(got["test_accuracy"]) == c["test_accuracy"] and float(got["train_loss"]) == c["train_loss"]
         glob = by_key[(str(line["round"]), "global")]
         assert float(glob["test_accuracy"]) == line["global"]["accuracy"] and glob["train_loss"] == "" and glob["model"] == "small_cnn"
+
+
+def test_by_scenario_labels_conditions_by_scenario(tmp_path):
+    paths = [_run(tmp_path, f"s{n}", "fedavg", 0, [0.5, 0.5, 0.5], None, scenario=n) for n in (2, 4)]
+    groups = group_conditions([load_run(p) for p in paths], "scenario")
+    assert [label for label, _ in groups] == ["scenario 2", "scenario 4"]

@@ -2,7 +2,9 @@
 
 A re-layout must not move a single bit of a run's results. This script runs a fixed set of tiny
 studies through the CLI (scenarios 1 and 2, both 3D tasks, FedProx and FedAdam on small CNNs),
-hashes ``metrics.jsonl`` (whole file) and every tensor of ``global_params.safetensors``, and
+hashes ``metrics.jsonl`` (every line as fedsim writes it, without the fields added after the
+fingerprints were recorded: the round's ``wall_s``, which differs between repeats, and the clients'
+per-epoch ``epochs``) and every tensor of ``global_params.safetensors``, and
 either writes those hashes (``--record``) or compares them with a stored file (``--check``).
 
     python benchmarks/reference_outputs.py --record benchmarks/results/reference-tiny.json
@@ -40,9 +42,23 @@ def fingerprint(out: Path) -> dict[str, object]:
 
     params = load_file(str(out / "global_params.safetensors"))
     return {
-        "metrics.jsonl": hashlib.sha256((out / "metrics.jsonl").read_bytes()).hexdigest(),
+        "metrics.jsonl": hashlib.sha256(_fingerprinted_lines(out).encode()).hexdigest(),
         "params": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in sorted(params.items())},
     }
+
+
+#: metrics.jsonl fields newer than the stored fingerprints (line level, client level).
+NEWER_FIELDS = ("wall_s",), ("epochs",)
+
+
+def _fingerprinted_lines(out: Path) -> str:
+    """``metrics.jsonl`` re-serialised as fedsim writes it (sorted keys), without :data:`NEWER_FIELDS`."""
+    lines = []
+    for text in (out / "metrics.jsonl").read_text().splitlines():
+        row = {k: v for k, v in json.loads(text).items() if k not in NEWER_FIELDS[0]}
+        row["clients"] = [{k: v for k, v in c.items() if k not in NEWER_FIELDS[1]} for c in row.get("clients", [])]
+        lines.append(json.dumps(row, sort_keys=True) + "\n")
+    return "".join(lines)
 
 
 def run_one(name: str, args: list[str], workdir: Path) -> dict[str, object]:

@@ -58,4 +58,36 @@ class ProgressLogger(TrainCallback):
         self._t = now
 
 
-__all__ = ["ProgressLogger", "TrainCallback", "TrainInfo"]
+#: Name of the ``ConfigRecord`` in a train reply that carries the round's per-epoch train metrics.
+EPOCHS_RECORD_KEY = "fedsim.epochs"
+
+
+class EpochHistory(TrainCallback):
+    """Keeps every local epoch's train metrics, so the reply can carry them to the server
+    (``metrics.jsonl``'s per-client ``epochs``, the trackers' per-epoch curves); the task itself
+    reports only the round's final metrics."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_train_start(self, model: nn.Module, info: TrainInfo) -> None:
+        self.history = []
+
+    def on_epoch_end(self, model: nn.Module, info: TrainInfo, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.history.append({k: float(v) for k, v in metrics.items()})
+
+    def as_lists(self) -> dict[str, list[float]]:
+        """``{metric: [epoch 1, epoch 2, ...]}`` (a Flower ``ConfigRecord`` holds lists, not dicts);
+        a metric missing in some epoch is NaN there."""
+        keys = list(dict.fromkeys(k for m in self.history for k in m))
+        return {k: [m.get(k, float("nan")) for m in self.history] for k in keys}
+
+
+def epochs_from_lists(lists: Mapping[str, object]) -> list[dict[str, float]]:
+    """Inverse of :meth:`EpochHistory.as_lists`: one ``{metric: value}`` per epoch."""
+    columns = {k: [float(x) for x in v] for k, v in lists.items() if isinstance(v, list)}
+    n = max((len(v) for v in columns.values()), default=0)
+    return [{k: v[i] for k, v in columns.items() if i < len(v)} for i in range(n)]
+
+
+__all__ = ["EPOCHS_RECORD_KEY", "EpochHistory", "ProgressLogger", "TrainCallback", "TrainInfo", "epochs_from_lists"]

@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="continue an interrupted run from its last checkpoint, with its config (other flags must agree with it)",
     )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        default="",
+        help="settings from a TOML file (the Flower run-config keys, e.g. local-epochs = 2) or a run's config.json "
+        "(to repeat that run; give --out); flags given as well override the file",
+    )
+    run.add_argument(
+        "--tracker",
+        default=d.tracker,
+        help="experiment tracker: tensorboard (RUN_DIR/tb/), mlflow (extra fedsim[mlflow]; RUN_DIR/mlflow.db or --tracking-uri) "
+        "or none (default: %(default)s)",
+    )
+    run.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI for --tracker mlflow (default: RUN_DIR/mlflow.db)")
     cme = run.add_argument_group("CME recording (conversational memory elements, CME paper section 3.1)")
     cme.add_argument("--cme", action="store_true", help="record per-epoch CMEs (relative weight changes) for 'fedsim analyze'")
     cme.add_argument(
@@ -182,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--seed", type=int, default=0, help="seed of the null bands' permutations and draws (default: %(default)s)")
 
+    ex = sub.add_parser(
+        "export", help="write a run's metrics.jsonl in another format (CSV: one row per client per round, plus the global model)"
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a 'fedsim run' output folder")
+    ex.add_argument("--csv", action="store_true", required=True, help="write CSV (long format)")
+    ex.add_argument("--out", default=None, help="output file (default: RUN_DIR/metrics.csv)")
+
+    co = sub.add_parser("compare", help="compare runs: a metric vs round (mean and 95%% interval over seeds) and a table of final metrics")
+    co.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="'fedsim run' output folders")
+    co.add_argument(
+        "--metric",
+        default=None,
+        help="metric to compare, e.g. accuracy or test_loss (default: the task's primary metric, on the test splits)",
+    )
+    co.add_argument(
+        "--by", default="strategy", help="what tells the runs apart in the figure: strategy, scenario or model (default: %(default)s)"
+    )
+    co.add_argument("--out", required=True, help="output folder for compare.png and compare.md")
+
     sub.add_parser("list", help="list tasks, scenarios, models, strategies and partitioners")
     ce = sub.add_parser("certs", help="make a local CA, the SuperLink's TLS certificate and SuperNode key pairs (secured deployment)")
     ce.add_argument("out", metavar="DIR", help="folder for ca.crt, server.pem/.key and node<k>/.pub (refused if it holds ca.key)")
@@ -198,13 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Flags a resumed run may change: they do not change its results.
-RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every", "ray_address")
+RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every", "ray_address", "tracker", "tracking_uri")
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, object]:
     from fedsim.config import parse_key_values
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "config")}
     for key in OPTION_FIELDS:
         if key in fields:
             fields[key] = parse_key_values(fields[key])
@@ -267,6 +300,29 @@ def _resume_config(run_dir: str, argv: Sequence[str]) -> RunConfig:
     return merged
 
 
+def _config_with_file(path: str, argv: Sequence[str]) -> RunConfig:
+    """The config in ``path`` (:func:`fedsim.configfile.load_config_file`) with the flags given on
+    the command line on top."""
+    from fedsim.configfile import load_config_file
+
+    return dataclasses.replace(load_config_file(path), **_config_fields(_given_flags(argv)))  # type: ignore[arg-type]
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from fedsim.analysis.runs import write_csv
+
+    out = write_csv(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"fedsim: {out}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from fedsim.analysis.compare import compare_runs
+
+    res = compare_runs([Path(d) for d in args.run_dirs], Path(args.out), metric=args.metric, by=args.by)
+    print(f"fedsim: compared {len(args.run_dirs)} runs on {res.metric} by {res.by}: {res.figure}, {res.table}")
+    print(res.markdown)
+
+
 def _option_fields(options_type: type) -> str:
     return ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in dataclasses.fields(options_type))
 
@@ -294,6 +350,11 @@ def _cmd_list() -> None:
         if entry.options_type is not None:
             print(f"    --strategy-option: {_option_fields(entry.options_type)}")
     print("partitioners:", ", ".join(list_partitioners()))
+    from fedsim.tracking import TRACKERS
+
+    print("trackers:", ", ".join(TRACKERS.names()))
+    for name in TRACKERS.names():
+        print(f"  {name}: {TRACKERS.get(name).summary}")
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -305,10 +366,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     enable_console_logging()
     if args.resume:
+        if args.config:
+            from fedsim.config import ConfigError
+
+            raise ConfigError("--resume takes the run's own config; drop --config")
         cfg = _resume_config(args.resume, argv)
         out = Path(cfg.out)
     else:
-        cfg = _config_from_args(args)
+        cfg = _config_with_file(args.config, argv) if args.config else _config_from_args(args)
         out = Path(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).resolve()
         RunDir(out).ensure_free().check_writable()  # refuse an existing run or an unwritable folder before Ray starts
         cfg = dataclasses.replace(cfg, out=str(out))
@@ -447,6 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_analyze(args)
         elif args.command == "study":
             _cmd_study(args)
+        elif args.command == "export":
+            _cmd_export(args)
+        elif args.command == "compare":
+            _cmd_compare(args)
         else:
             return _cmd_run(args, argv)
     except (

@@ -129,6 +129,10 @@ class RunConfig:
     #: Join this existing Ray cluster (``host:port`` of its head's GCS, or ``auto``) instead of
     #: starting a Ray instance on this machine; ``""`` = start one (``fedsim run`` only).
     ray_address: str = ""
+    #: Experiment tracker the server logs every round to (:mod:`fedsim.tracking`): tensorboard, mlflow or none.
+    tracker: str = "tensorboard"
+    #: MLflow tracking URI; "" = a local store in the run directory (RUN_DIR/mlflow.db).
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().

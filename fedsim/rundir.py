@@ -24,6 +24,13 @@ from fedsim._logging import logger
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "global_params.safetensors"
+#: Keys of a ``metrics.jsonl`` line that measure the machine, not the run: left out when runs are compared.
+TIMING_KEYS = ("wall_s",)
+
+
+def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` rows without :data:`TIMING_KEYS`: what a repeat of the run must reproduce bit for bit."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def finite_json(obj: Any) -> Any:
@@ -165,6 +172,11 @@ class RunDir:
                 ) from None
             out.append(row)
         return out
+
+    def read_results(self) -> list[dict[str, Any]]:
+        """:meth:`read_metrics` without the wall times (:func:`without_timing`): equal for two runs
+        of the same config and seed on the same machine."""
+        return without_timing(self.read_metrics())
 
     def truncate_metrics(self, last_round: int) -> int:
         """Keep the rounds up to ``last_round`` in ``metrics.jsonl`` (rewritten atomically if lines

@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).parents[1] / "fedsim"
 #: Lowest first. A module belongs to the first entry that is a prefix of its dotted name.
 LAYERS: list[tuple[str, ...]] = [
     ("fedsim._logging", "fedsim.registry"),
-    ("fedsim.rundir", "fedsim.callbacks", "fedsim.faults", "fedsim.config"),
+    ("fedsim.rundir", "fedsim.callbacks", "fedsim.faults", "fedsim.config", "fedsim.provenance", "fedsim.configfile"),
     ("fedsim.data", "fedsim.models", "fedsim.metrics"),
-    ("fedsim.cme", "fedsim.strategies"),
+    ("fedsim.cme", "fedsim.strategies", "fedsim.tracking"),
     ("fedsim.clients",),
     ("fedsim.server", "fedsim.simulation"),
     ("fedsim.analysis",),
@@ -41,6 +41,10 @@ TORCH_FREE = [
     "fedsim.registry",
     "fedsim.cme",
     "fedsim.cme.archive",
+    "fedsim.provenance",
+    "fedsim.configfile",
+    "fedsim.tracking",
+    "fedsim.analysis.runs",
     "fedsim.metrics.landmarks",
     "fedsim.metrics.classification",
 ]

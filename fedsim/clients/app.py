@@ -48,7 +48,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsim._logging import enable_console_logging, logger
-from fedsim.callbacks import ProgressLogger, TrainCallback
+from fedsim.callbacks import EPOCHS_RECORD_KEY, EpochHistory, ProgressLogger, TrainCallback
 from fedsim.clients.tasks import get_task
 from fedsim.cme import CMESettings, encode
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
@@ -198,7 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     # the received tensors became the model's own (assign=True): copy them before training moves them
     keep = mu > 0 or free_rider is not None
     received = {k: v.detach().clone() for k, v in shared.items()} if keep else None
-    callbacks: list[TrainCallback] = [ProgressLogger()]
+    history = EpochHistory()
+    callbacks: list[TrainCallback] = [ProgressLogger(), history]
     cme = CMERecorder(cme_settings(cfg)) if cfg.cme else None
     if cme is not None:
         callbacks.append(cme)
@@ -224,6 +225,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({f"train-{k}": float(v) for k, v in result.metrics.items()})
     content = RecordDict({"arrays": reply_arrays, "metrics": MetricRecord(metrics)})
     content[PLACEMENT_KEY] = placement(pid, server_round, dev)
+    content[EPOCHS_RECORD_KEY] = ConfigRecord(dict(history.as_lists()))  # per-epoch train metrics, for metrics.jsonl
     if cme is not None and cme.result is not None:  # the runner always calls the callbacks
         payload = encode(cme.result, pid, server_round, cfg.model_for(pid))
         content[CME_RECORD_KEY] = ConfigRecord({"payload": payload, "partition-id": pid, "server-round": server_round})

@@ -38,6 +38,7 @@ from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import matching_layers, recorded_parameters
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 from fedsim.models.sharing import shared_parameter_names
+from fedsim.provenance import environment
 from fedsim.rundir import RunDir, atomic_write_bytes, default_out_dir
 from fedsim.server.checkpoint import (
     Checkpoint,
@@ -54,6 +55,7 @@ from fedsim.server.checkpoint import (
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import PlacementLog, RoundRecorder, scalar
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
+from fedsim.tracking import open_tracking
 
 #: Largest CME record (bytes) the server accepts from one client and round.
 MAX_CME_PAYLOAD = 256_000_000
@@ -440,18 +442,23 @@ def run_server(
         restore_rng(ckpt.rng, ckpt.rng_arrays)
     else:
         initial = ArrayRecord({k: server_state[k] for k in shared})
-    result = run_rounds(
-        strategy,
-        ordered,
-        initial,
-        first_round=ckpt.round + 1 if ckpt else 1,
-        num_rounds=cfg.rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(cfg.to_flower()),
-        evaluate_config=ConfigRecord(cfg.to_flower()),
-        evaluate_fn=recorder.on_round_end,
-        on_round_end=[checkpointer.on_round_end],
-    )
+    previous = run_dir.read_metrics() if ckpt is not None else []
+    with open_tracking(cfg.tracker, run_dir.path, run_dir.read_config(), uri=cfg.tracking_uri, cme=cfg.cme, previous=previous) as tracking:
+        if tracking is not None:
+            recorder.listeners.append(tracking)
+        result = run_rounds(
+            strategy,
+            ordered,
+            initial,
+            first_round=ckpt.round + 1 if ckpt else 1,
+            num_rounds=cfg.rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(cfg.to_flower()),
+            evaluate_config=ConfigRecord(cfg.to_flower()),
+            evaluate_fn=recorder.on_round_end,
+            on_round_end=[checkpointer.on_round_end],
+            on_round_start=[recorder.on_round_start],
+        )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
     meta = {"server_model": cfg.server_model, "complete": str(complete and not local).lower(), "rounds": str(cfg.rounds)}
     path = run_dir.save_params(final, meta)
@@ -471,7 +478,11 @@ def _open_run_dir(cfg: ResolvedConfig, resume: bool, ray_layout: dict[str, Any] 
         logger.info("run directory (resumed): %s", run_dir.path)
         return run_dir
     run_dir = RunDir(cfg.out or default_out_dir(cfg.task, cfg.scenario, cfg.profile)).create()
-    run_dir.write_config(cfg.to_json_dict() | {"out": str(run_dir.path)} | ({"ray": ray_layout} if ray_layout else {}))
+    device = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    # the environment is recorded, not part of the config: RunConfig.from_json_dict ignores it
+    run_dir.write_config(
+        cfg.to_json_dict() | {"out": str(run_dir.path), "environment": environment(device)} | ({"ray": ray_layout} if ray_layout else {})
+    )
     logger.info("run directory: %s", run_dir.path)
     return run_dir
 

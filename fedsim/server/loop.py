@@ -8,7 +8,8 @@ evaluate, ``evaluate_fn``), so a fresh run's results are unchanged; in addition 
   evaluation ``evaluate_fn(0, ...)``);
 * refuses an aggregated global model that is not finite (:class:`NonFiniteUpdateError`, naming the
   round and the clients aggregated), e.g. a server optimiser that overflowed;
-* calls ``on_round_end(round, arrays)`` hooks after ``evaluate_fn`` (checkpoints).
+* calls ``on_round_start(round)`` hooks before a round's first message (the round's wall time) and
+  ``on_round_end(round, arrays)`` hooks after ``evaluate_fn`` (checkpoints).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def run_rounds(
     evaluate_config: ConfigRecord,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     on_round_end: Sequence[RoundEndHook] = (),
+    on_round_start: Sequence[Callable[[int], None]] = (),
 ) -> Result:
     """Run rounds ``first_round..num_rounds``; return Flower's :class:`Result` (of those rounds)."""
     from fedsim.server.app import NonFiniteUpdateError, _partition_of
@@ -51,6 +53,8 @@ def run_rounds(
             result.evaluate_metrics_serverapp[0] = res
     for rnd in range(first_round, num_rounds + 1):
         logger.info("round %d/%d", rnd, num_rounds)
+        for start_hook in on_round_start:
+            start_hook(rnd)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
         agg_arrays, agg_train = strategy.aggregate_train(rnd, replies)
         if agg_arrays is not None:

@@ -3,11 +3,15 @@
 Flower's ``Result`` keeps only aggregated metrics, so the recorder plugs into the strategy's
 metric-aggregation hooks (``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn``, which see
 every client's reply) and into ``evaluate_fn``, which Flower calls at the end of every round.
+Each line also carries the round's wall time (``wall_s``, from :meth:`RoundRecorder.on_round_start`)
+and every client's per-epoch train metrics (``epochs``, from the reply's ``fedsim.epochs`` record);
+``listeners`` (e.g. an experiment tracker, :mod:`fedsim.tracking`) get every line once it is written.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, MetricRecordValues, Rec
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedsim._logging import logger
+from fedsim.callbacks import EPOCHS_RECORD_KEY, epochs_from_lists
 from fedsim.rundir import RunDir
 
 
@@ -52,8 +57,11 @@ class RoundRecorder:
         client_models: Sequence[str],
         global_eval: Callable[[ArrayRecord], dict[str, float]] | None = None,
         sites: Sequence[str] = (),
+        listeners: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         self.run_dir = run_dir
+        self.listeners: list[Callable[[dict[str, Any]], None]] = list(listeners)
+        self._round_start: float | None = None
         self.client_models = tuple(client_models)
         self.sites = tuple(sites)  # client k's site name (--partition sites); () = no sites
         self.global_eval = global_eval
@@ -71,6 +79,8 @@ class RoundRecorder:
             m = _metrics(rd)
             pid = int(scalar(m["partition-id"]))
             store[pid] = {k: m[k] for k in m if k != "partition-id"}
+            if EPOCHS_RECORD_KEY in rd.config_records:
+                store[pid][EPOCHS_RECORD_KEY] = epochs_from_lists(rd.config_records[EPOCHS_RECORD_KEY])
         agg = aggregate_metricrecords(records, key)
         if "partition-id" in agg:
             del agg["partition-id"]
@@ -81,6 +91,10 @@ class RoundRecorder:
 
     def evaluate_metrics(self, records: list[RecordDict], key: str) -> MetricRecord:
         return self._collect(self._eval, records, key)
+
+    def on_round_start(self, server_round: int) -> None:
+        """The round begins (before its train instructions go out): its ``wall_s`` counts from here."""
+        self._round_start = time.perf_counter()
 
     def on_round_end(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: global evaluation (if any) and the round's metrics line."""
@@ -99,6 +113,8 @@ class RoundRecorder:
             row["num_test_examples"] = int(ev.get("num-examples", 0))
             for src in (tr, ev):
                 row.update({name: float(v) for k, v in src.items() if (name := _field(k))})
+            if EPOCHS_RECORD_KEY in tr:
+                row["epochs"] = tr[EPOCHS_RECORD_KEY]
             clients.append(row)
             logger.info(
                 "round %d client %d%s (%s): %s", server_round, pid, f" [{row['site']}]" if self.sites else "", row["model"],
@@ -109,7 +125,11 @@ class RoundRecorder:
         line: dict[str, Any] = {"round": server_round, "clients": clients, "global": _strip(glob)}
         if self._failed:
             line["failed"] = list(self._failed)
+        if self._round_start is not None:
+            line["wall_s"] = round(time.perf_counter() - self._round_start, 3)
         self.run_dir.append_metrics(line)
+        for listener in self.listeners:
+            listener(line)
         self._train.clear()
         self._eval.clear()
         self._failed.clear()

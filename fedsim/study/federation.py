@@ -129,7 +129,7 @@ def run_federation(
     if out.exists():
         log.info("replacing the interrupted run %s", out)
         shutil.rmtree(out)
-    cfg = resolve_config(dataclasses.replace(job.config, out=str(out), cme=job.cme))
+    cfg = resolve_config(dataclasses.replace(job.config, out=str(out), cme=job.cme, tracker="none"))  # the study reads metrics.jsonl
     probe = UpdateProbe() if job.probe else None
     t0, c0 = time.perf_counter(), time.process_time()
     grid = InProcessGrid(app, cfg.clients, absent=job.absent, on_reply=probe, num_threads=num_threads)

@@ -46,3 +46,11 @@ def test_tiny_run_writes_per_client_metrics_and_figures(tmp_path):
     assert len(task_figs) == 4 and all(p.stat().st_size > 1000 for p in task_figs)
     assert {p.name for p in figs.glob("client*_cme.png")} == {"client0_cme.png", "client1_cme.png", "client2_cme.png"}
     assert '"layer": "conv5.0.weight"' in (figs / "summary.json").read_text()
+    # fedsim compare leads with the task's primary metric (AUC): final per-client and global values
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "compare", str(out), "--out", str(tmp_path / "cmp")],
+                          cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    cells = [f"{c['test_auc']:.3f} (aicnet3d_hemiretinal)" if math.isfinite(c["test_auc"]) else "-" for c in rows[-1]["clients"]]
+    assert f"| {' | '.join(cells)} | {rows[-1]['global']['auc']:.3f} |" in table and "`test_auc`" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000

@@ -48,3 +48,11 @@ def test_tiny_run_writes_per_client_mm_metrics_and_landmark_figures(tmp_path):
     assert {p.name for p in figs.glob("client*_cme.png")} == {"client0_cme.png", "client1_cme.png", "client2_cme.png"}
     assert '"layer": "head.conv.weight"' in (figs / "summary.json").read_text()
     assert "h3denet_landmarks_0" in (figs / "report.md").read_text()
+    # fedsim compare leads with the task's primary metric (MRE in mm): final per-client and global values
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "compare", str(out), "--out", str(tmp_path / "cmp")],
+                          cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    cells = [f"{c['test_mre']:.3f} (h3denet)" for c in rows[-1]["clients"]]
+    assert f"| {' | '.join(cells)} | {rows[-1]['global']['mre']:.3f} |" in table and "`test_mre`" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000

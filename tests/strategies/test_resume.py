@@ -40,7 +40,7 @@ def test_resumed_run_equals_the_uninterrupted_one(name, options, tmp_path):
             run_server(InProcessGrid(app, 3, num_threads=1, on_reply=_kill_in_round_3), cut)
         assert load_checkpoint(RunDir(cut.out)).round == 2
         resumed = run_server(InProcessGrid(app, 3, num_threads=1), cut, resume=True)
-    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "cut" / "metrics.jsonl").read_bytes()
+    assert RunDir(tmp_path / "full").read_results() == RunDir(tmp_path / "cut").read_results()  # all but the wall times
     a, b = RunDir(cfg.out).load_params(), RunDir(cut.out).load_params()
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     if name.startswith("dp_"):  # the accountant counted the rounds before the cut too

@@ -14,6 +14,7 @@ from fedsim.clients.tasks.registry import get_task
 from fedsim.config import PROFILE_FIELDS, ConfigError, ResolvedConfig, RunConfig, UnknownNameError
 from fedsim.data.partition import PARTITIONERS
 from fedsim.strategies import strategy_options
+from fedsim.tracking import TRACKERS
 
 
 def resolve_config(cfg: RunConfig) -> ResolvedConfig:
@@ -52,6 +53,7 @@ def check_names(cfg: ResolvedConfig) -> None:
     task.options(cfg)  # unknown keys / bad values -> ConfigError
     strategy_options(cfg)
     PARTITIONERS.get(cfg.partition)
+    TRACKERS.get(cfg.tracker).check()  # an unknown name lists the trackers; a missing optional package says how to install it
     if cfg.partition == "sizes" and not cfg.fractions:
         raise ConfigError("partition 'sizes' needs fractions, one per client (e.g. --fractions 0.5,0.3,0.2)")
     choices = task.model_choices()

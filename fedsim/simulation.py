@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from fedsim._logging import logger
+from fedsim._logging import VERBOSE_ENV, logger, quiet_third_party, verbose
 from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.clients.tasks.resolve import cuda_available
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
@@ -140,7 +140,14 @@ def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
+    env_vars = {"PYTHONPATH": pythonpath}
+    if os.environ.get(VERBOSE_ENV) is not None:  # the clients' console verbosity (fedsim._logging)
+        env_vars[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+    with warnings.catch_warnings():
+        if not verbose():  # Ray's tip about accelerator env vars (a FutureWarning on every start)
+            warnings.simplefilter("ignore", FutureWarning)
+        level = logging.INFO if verbose() is not False else logging.WARNING  # "Started a local Ray instance" etc.
+        ray.init(runtime_env={"env_vars": env_vars}, logging_level=level, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
     try:
         with stop_on_signals(stop):
             yield
@@ -159,7 +166,10 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
     if cfg.cme:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
-    logger.info("data ok: %s samples per client", sizes)
+    if len(sizes) > 10:
+        logger.info("data ok: %d clients, %d-%d samples each", len(sizes), min(sizes), max(sizes))
+    else:
+        logger.info("data ok: %s samples per client", sizes)
     if cfg.client_gpus > 0 and not cuda_available():
         raise ConfigError(
             f"client_gpus={cfg.client_gpus:g} but this machine has no CUDA GPU: Ray would wait for one forever; "
@@ -173,6 +183,9 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
         raise RunInterrupted(stop.signum)
     with warnings.catch_warnings(), ray_session(cfg, stop):
         warnings.simplefilter("ignore", DeprecationWarning)
+        quiet_third_party()  # now that Flower is imported: its chatter off unless -v (fedsim._logging)
+        # Flower deprecates run_simulation in favour of `flwr run`, which needs a SuperLink process;
+        # tests/test_flower_api.py fails as soon as the function or these parameters go.
         flwr_run_simulation(
             server_app=make_server_app(cfg, resume=resume, stop=stop),
             client_app=client_app,

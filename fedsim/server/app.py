@@ -53,6 +53,7 @@ from fedsim.server.checkpoint import (
 )
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import RoundRecorder, scalar
+from fedsim.server.sampling import SampleLog, seeded_sampling
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 
 #: Largest CME record (bytes) the server accepts from one client and round.
@@ -203,7 +204,12 @@ class OrderedGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """The connected nodes, in partition order once :meth:`identify` has run (Flower's
+        ``sample_nodes`` draws from this list: the order makes a seeded draw reproducible)."""
+        ids = list(self._grid.get_node_ids())
+        if self.partition_of:
+            ids.sort(key=lambda n: (n not in self.partition_of, self.partition_of.get(n, 0), n))
+        return ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -392,7 +398,7 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
     complete = set(shared) == {k for k, v in server_state.items() if v.is_floating_point()}
     logger.info(
         "scenario %d (%s): clients %s, server %s; sharing %d tensors (%s)",
-        cfg.scenario, cfg.scenario_spec.description, list(client_models), cfg.server_model,
+        cfg.scenario, cfg.scenario_spec.description, _model_list(client_models), cfg.server_model,
         len(shared), "whole model" if complete else "head layers: " + ", ".join(shared),
     )  # fmt: skip
 
@@ -410,7 +416,11 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
             "per-client test metrics are each client's own model",
             cfg.strategy, len(local), len(shared), ", ".join(local[:4]) + (", ..." if len(local) > 4 else ""),
         )  # fmt: skip
-    recorder = RoundRecorder(run_dir, client_models, global_eval if complete and not local else None)
+    sampling = cfg.sample_size() < cfg.clients
+    recorder = RoundRecorder(
+        run_dir, client_models, global_eval if complete and not local else None,
+        primary_metric=task.primary_metric, num_rounds=cfg.rounds, record_sampled=sampling,
+    )  # fmt: skip
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None
@@ -422,8 +432,10 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
-    exchange = ClientStateExchange(functools.partial(is_checkpoint_round, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
+    exchange = ClientStateExchange(functools.partial(wants_client_state, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
     ordered.hooks.append(exchange)
+    ordered.hooks.append(SampleLog(ordered.partition_of, recorder.note_sampled))
+    logger.info("%s", describe_run(cfg))
     checkpointer = Checkpointer(run_dir, cfg, strategy, exchange.states)
     if ckpt is not None:
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.arrays.items()})
@@ -441,7 +453,8 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         train_config=ConfigRecord(cfg.to_flower()),
         evaluate_config=ConfigRecord(cfg.to_flower()),
         evaluate_fn=recorder.on_round_end,
-        on_round_end=[checkpointer.on_round_end],
+        on_round_end=[checkpointer.on_round_end, recorder.log_round],
+        sampling=functools.partial(seeded_sampling, cfg.seed) if sampling else None,
     )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
     meta = {"server_model": cfg.server_model, "complete": str(complete and not local).lower(), "rounds": str(cfg.rounds)}
@@ -452,6 +465,35 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         atomic_write_bytes(run_dir.path / "privacy.json", (json.dumps(spent.to_json(), sort_keys=True) + "\n").encode())
     logger.info("final global parameters: %s", path)
     return result
+
+
+def _model_list(models: Sequence[str]) -> str:
+    """``['resnet50', 'densenet121', 'alexnet_skip']``, or ``1000 x small_cnn`` when all are the same."""
+    if len(models) > 3 and len(set(models)) == 1:
+        return f"{len(models)} x {models[0]}"
+    return str(list(models))
+
+
+def wants_client_state(cfg: ResolvedConfig, server_round: int) -> bool:
+    """Whether the clients that train in ``server_round`` send their private tensors: in checkpoint
+    rounds, and with client sampling in every round (unless checkpoints are off), since a client
+    that trains between two checkpoints may not be sampled in the next one, and the checkpoint
+    must hold its newest state."""
+    if cfg.sample_size() < cfg.clients and cfg.checkpoint_every > 0:
+        return True
+    return is_checkpoint_round(cfg, server_round)
+
+
+def describe_run(cfg: ResolvedConfig) -> str:
+    """One line naming the strategy, its options and weighting, and who trains per round."""
+    options = ", ".join(f"{k}={v}" for k, v in cfg.strategy_options)
+    line = f"{cfg.rounds} rounds of {cfg.strategy}" + (f" ({options})" if options else "")
+    if cfg.strategy == "equal_avg":
+        line += ", every client weighted equally"
+    k = cfg.sample_size()
+    if k < cfg.clients:
+        return f"{line}; {k} of {cfg.clients} clients per round, sampled with seed {cfg.seed} (recorded as 'sampled' in metrics.jsonl)"
+    return f"{line}; all {cfg.clients} clients every round"
 
 
 def _open_run_dir(cfg: ResolvedConfig, resume: bool) -> RunDir:

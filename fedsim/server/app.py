@@ -424,9 +424,11 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None
+    cme_writer = None
     if cfg.cme:
         check_cme_layers(cfg)
-        on_reply = CMEArchiveWriter(run_dir.path).collect
+        cme_writer = CMEArchiveWriter(run_dir.path, defer_index=True)  # index rewritten once per round
+        on_reply = cme_writer.collect
         logger.info("recording CMEs into %s", run_dir.path / "cme")
     ordered = OrderedGrid(grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, stop=stop)
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
@@ -453,7 +455,7 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         train_config=ConfigRecord(cfg.to_flower()),
         evaluate_config=ConfigRecord(cfg.to_flower()),
         evaluate_fn=recorder.on_round_end,
-        on_round_end=[checkpointer.on_round_end, recorder.log_round],
+        on_round_end=[*([cme_writer.on_round_end] if cme_writer else []), checkpointer.on_round_end, recorder.log_round],
         sampling=functools.partial(seeded_sampling, cfg.seed) if sampling else None,
     )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}

@@ -42,6 +42,14 @@ def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValue
     }
 
 
+def message_window(cfg: ResolvedConfig) -> int:
+    """Messages the server keeps in flight in the Simulation Engine: 4 per client actor (Ray runs
+    ``floor(CPUs / client_cpus)`` actors), enough to keep every actor busy while Flower's per-node
+    polling stays cheap with many nodes (:class:`~fedsim.server.app.OrderedGrid`)."""
+    actors = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    return 4 * actors
+
+
 #: Seconds after a stop signal before client calls still running are ended by killing their actors.
 STOP_GRACE = 3.0
 
@@ -187,7 +195,7 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
         # Flower deprecates run_simulation in favour of `flwr run`, which needs a SuperLink process;
         # tests/test_flower_api.py fails as soon as the function or these parameters go.
         flwr_run_simulation(
-            server_app=make_server_app(cfg, resume=resume, stop=stop),
+            server_app=make_server_app(cfg, resume=resume, stop=stop, window=message_window(cfg)),
             client_app=client_app,
             num_supernodes=cfg.clients,
             backend_config=backend_config(cfg),

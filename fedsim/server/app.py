@@ -56,6 +56,9 @@ from fedsim.server.recorder import RoundRecorder, scalar
 from fedsim.server.sampling import SampleLog, seeded_sampling
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 
+#: Seconds between pulls for replies while a message window (``OrderedGrid(window=...)``) is full.
+WINDOW_POLL = 0.05
+
 #: Largest CME record (bytes) the server accepts from one client and round.
 MAX_CME_PAYLOAD = 256_000_000
 
@@ -171,6 +174,13 @@ class OrderedGrid(Grid):
       there, whatever the strategy).
     * ``stop``: when this event is set, the wait for replies ends with :class:`RunInterrupted`
       (the CLI sets it on SIGINT / SIGTERM), within ``poll`` seconds.
+    * ``window`` (with ``stop``; 0 = no limit): at most this many messages of an exchange are in
+      flight; the next is pushed when a reply comes in. Flower's Simulation Engine checks every
+      node's queue every 0.1 s by scanning all undelivered and unanswered messages (cost: nodes x
+      messages in flight): with 1,000 nodes and 100 messages pushed at once that scan kept one of
+      2 cores busy and the client actor starved (docs/scale.md). Replies are sorted anyway, so
+      the window does not change results; only simulation uses it (real SuperNodes work in
+      parallel).
     """
 
     def __init__(
@@ -183,6 +193,7 @@ class OrderedGrid(Grid):
         hooks: Sequence[GridHook] = (),
         stop: StopRequest | None = None,
         poll: float = 0.2,
+        window: int = 0,
     ) -> None:
         self._grid = grid
         self._on_reply = on_reply
@@ -191,6 +202,7 @@ class OrderedGrid(Grid):
         self.hooks: list[GridHook] = list(hooks)
         self._stop = stop
         self._poll = poll
+        self._window = window
         self.partition_of: dict[int, int] = {}
 
     @property
@@ -267,19 +279,26 @@ class OrderedGrid(Grid):
         if self._stop is None:
             return list(self._grid.send_and_receive(messages, timeout=timeout))
         # As Flower's grids do (push, then pull until every reply is in or the time is up), but
-        # checking the stop event between pulls so that a signal ends the wait.
-        pending = set(self._grid.push_messages(messages))
+        # checking the stop event between pulls so that a signal ends the wait, and with a window
+        # keeping at most `window` messages in flight (see __init__).
+        queue = list(messages)
+        window = self._window or len(queue)
+        pending: set[str] = set()
         end = time.monotonic() + (timeout if timeout is not None else math.inf)
         out: list[Message] = []
-        while pending:
+        while queue or pending:
             if self._stop.is_set():
                 raise RunInterrupted(self._stop.signum)
+            if queue and len(pending) < window:
+                batch, queue = queue[: window - len(pending)], queue[window - len(pending) :]
+                pending |= set(self._grid.push_messages(batch))
             got = list(self._grid.pull_messages(pending))
             out.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= end:
+            if not (queue or pending) or time.monotonic() >= end:
                 break
-            self._stop.wait(self._poll)
+            if not got or not queue:
+                self._stop.wait(self._poll if not self._window else min(self._poll, WINDOW_POLL))
         return out
 
     def _sort_key(self, msg: Message) -> tuple[int, int]:
@@ -379,11 +398,12 @@ def _round_of(messages: Sequence[Message]) -> int:
     return 0
 
 
-def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> Result:
+def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, window: int = 0) -> Result:
     """Run a whole federated training with a resolved config; return Flower's ``Result``.
 
     ``resume``: continue the run in ``cfg.out`` from its checkpoint (:mod:`fedsim.server.checkpoint`).
     ``stop``: an event that ends the run with :class:`RunInterrupted` when set (signal handling).
+    ``window``: messages in flight at most (:class:`OrderedGrid`; simulation only; 0 = all).
     """
     task = get_task(cfg.task)
     run_dir = _open_run_dir(cfg, resume)
@@ -430,7 +450,7 @@ def run_server(grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: S
         cme_writer = CMEArchiveWriter(run_dir.path, defer_index=True)  # index rewritten once per round
         on_reply = cme_writer.collect
         logger.info("recording CMEs into %s", run_dir.path / "cme")
-    ordered = OrderedGrid(grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, stop=stop)
+    ordered = OrderedGrid(grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, stop=stop, window=window)
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
@@ -540,15 +560,15 @@ def check_cme_layers(cfg: ResolvedConfig) -> None:
         logger.warning("CME ACF (eq. 4) pairs consecutive local epochs: with local_epochs=1 it stays empty")
 
 
-def make_server_app(cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None) -> ServerApp:
-    """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume`` and
-    ``stop`` as in :func:`run_server`."""
+def make_server_app(cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, window: int = 0) -> ServerApp:
+    """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume``,
+    ``stop`` and ``window`` as in :func:`run_server`."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         enable_console_logging()
-        run_server(grid, cfg, resume=resume, stop=stop)
+        run_server(grid, cfg, resume=resume, stop=stop, window=window)
 
     return server_app
 

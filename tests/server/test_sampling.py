@@ -155,3 +155,39 @@ def test_sampled_run_records_cmes_and_resumes_bit_identically(tmp_path):
     assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "cut" / "metrics.jsonl").read_bytes()
     a, b = RunDir(cfg.out).load_params(), RunDir(cut.out).load_params()
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_message_window_keeps_few_in_flight_and_changes_no_reply():
+    """OrderedGrid(window=2) pushes at most 2 messages before their replies are pulled, and
+    returns the same replies, sorted, as pushing all 7 at once."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsim.server.app import StopRequest
+    from fedsim.server.inprocess import InProcessGrid
+    from tests.server.test_inprocess import toy
+
+    class Counting(InProcessGrid):
+        in_flight = most = 0
+
+        def push_messages(self, messages):
+            ids = list(super().push_messages(messages))
+            self.in_flight += len(ids)
+            self.most = max(self.most, self.in_flight)
+            return ids
+
+        def pull_messages(self, message_ids):
+            got = list(super().pull_messages(message_ids))
+            self.in_flight -= len(got)
+            return got
+
+    results = {}
+    for window in (0, 2):
+        inner = Counting(toy, 7)
+        grid = OrderedGrid(inner, stop=StopRequest(), window=window)
+        grid.partition_of = {nid: k for k, nid in enumerate(inner.get_node_ids())}
+        msgs = [Message(RecordDict({"config": ConfigRecord({})}), nid, "train", group_id="1") for nid in inner.get_node_ids()]
+        replies = grid.send_and_receive(msgs, timeout=60)
+        results[window] = [(m.metadata.src_node_id, int(m.content["metrics"]["partition-id"])) for m in replies]
+        assert inner.most == (7 if window == 0 else 2)
+    assert results[0] == results[2] and [p for _, p in results[2]] == list(range(7))

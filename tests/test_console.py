@@ -105,3 +105,29 @@ def test_recorder_logs_one_line_per_round_and_warns_once_about_small_test_splits
     (warning,) = [r.getMessage() for r in captured if r.levelno == logging.WARNING]
     assert f"clients 3 test on fewer than {MIN_TEST_EXAMPLES} local examples (the fewest: 7)" in warning
     assert [line["sampled"] for line in rd.read_metrics()] == [[3, 17], [3, 17]]
+
+
+def test_flower_chatter_and_its_deprecation_notice_only_with_verbose(monkeypatch):
+    import flwr  # noqa: F401  (attaches Flower's console handler)
+
+    from fedsim._logging import VERBOSE_ENV, quiet_third_party
+
+    flwr_logger = logging.getLogger("flwr")
+    (handler,) = [h for h in flwr_logger.handlers if hasattr(h, "colored")]
+    saved = (handler.level, handler.colored, list(flwr_logger.filters))
+    notice = logging.LogRecord("flwr", logging.WARNING, __file__, 1, "DEPRECATED FEATURE: %s", ("run_simulation",), None)
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)  # quiet_third_party sets it; restored afterwards
+    try:
+        monkeypatch.setenv(VERBOSE_ENV, "0")
+        quiet_third_party()
+        assert handler.level == logging.WARNING and not handler.colored  # pytest's stderr is no terminal
+        assert not flwr_logger.filter(notice)
+        quiet_third_party(client=True)
+        assert handler.level == logging.ERROR
+        monkeypatch.setenv(VERBOSE_ENV, "1")
+        quiet_third_party()
+        assert handler.level == logging.INFO and flwr_logger.filter(notice)
+    finally:
+        handler.setLevel(saved[0])
+        handler.colored = saved[1]
+        flwr_logger.filters[:] = saved[2]

@@ -331,7 +331,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     last = rows[-1]
     metric = get_task(cfg.task).primary_metric
     print(f"\nfedsim: {len(rows)} rounds finished; outputs in {out}")
-    if len(last["clients"]) > SUMMARY_CLIENT_LINES:
+    if len(last["clients"]) > SUMMARY_CLIENT_LINES:  # a large federation: mean and range, not one line per client
         for split in ("train", "local test"):
             values = [c[key] for c in last["clients"] if (key := f"{split.split()[-1]}_{metric}") in c]
             if values:
@@ -339,11 +339,12 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                     f"  {len(values)} clients of round {last['round']}: {split} {metric} mean {sum(values) / len(values):.3f}"
                     f" range {min(values):.3f}-{max(values):.3f} (every client in {out / METRICS_FILE})"
                 )
-    for c in last["clients"] if len(last["clients"]) <= SUMMARY_CLIENT_LINES else ():
-        print(
-            f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
-            f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
-        )
+    else:
+        for c in last["clients"]:
+            print(
+                f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
+                f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
+            )
     if last.get("global"):
         print(f"  global model: {json.dumps(last['global'])}")
     return 0

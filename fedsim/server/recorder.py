@@ -169,9 +169,10 @@ class RoundRecorder:
         n = min(c["num_test_examples"] for c in small)
         who = f"clients {', '.join(str(c['client']) for c in small)}" if len(small) <= 5 else f"{len(small)} of {len(clients)} clients"
         logger.warning(
-            "round %d: %s test on fewer than %d local examples (the fewest: %d), so a test %s moves in steps of about 1/%d "
-            "and differences between clients or rounds are mostly noise; use more data (--num-samples) or fewer clients",
-            server_round, who, MIN_TEST_EXAMPLES, n, self.primary_metric, n,
+            "round %d: %s test on fewer than %d local examples (the fewest: %d), so their test %s rests on a handful of "
+            "examples (an accuracy on %d can only move in steps of 1/%d) and differences between clients or rounds are mostly "
+            "noise; use more data (--num-samples) or fewer clients",
+            server_round, who, MIN_TEST_EXAMPLES, n, self.primary_metric, n, n,
         )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedsim.analysis.cme import NULL_COVERAGE, NULL_SAMPLES, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
 from fedsim.config import OPTION_FIELDS, SCENARIOS, RunConfig
@@ -328,26 +328,34 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     rows = RunDir(out).read_metrics()
     if not rows:
         raise RuntimeError(f"the run wrote no metrics to {out / METRICS_FILE}")
-    last = rows[-1]
-    metric = get_task(cfg.task).primary_metric
     print(f"\nfedsim: {len(rows)} rounds finished; outputs in {out}")
+    for line in closing_summary(rows[-1], get_task(cfg.task).primary_metric, out / METRICS_FILE):
+        print(line)
+    return 0
+
+
+def closing_summary(last: dict[str, Any], metric: str, metrics_file: Path) -> list[str]:
+    """The lines ``fedsim run`` prints about the last round: one per client up to
+    :data:`SUMMARY_CLIENT_LINES` clients, else mean and range of the train and local-test metric;
+    then the global model's metrics, when there are any."""
+    lines = []
     if len(last["clients"]) > SUMMARY_CLIENT_LINES:  # a large federation: mean and range, not one line per client
         for split in ("train", "local test"):
             values = [c[key] for c in last["clients"] if (key := f"{split.split()[-1]}_{metric}") in c]
             if values:
-                print(
+                lines.append(
                     f"  {len(values)} clients of round {last['round']}: {split} {metric} mean {sum(values) / len(values):.3f}"
-                    f" range {min(values):.3f}-{max(values):.3f} (every client in {out / METRICS_FILE})"
+                    f" range {min(values):.3f}-{max(values):.3f} (every client in {metrics_file})"
                 )
     else:
         for c in last["clients"]:
-            print(
+            lines.append(
                 f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
                 f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
             )
     if last.get("global"):
-        print(f"  global model: {json.dumps(last['global'])}")
-    return 0
+        lines.append(f"  global model: {json.dumps(last['global'])}")
+    return lines
 
 
 def _interrupted_message(out: Path, signame: str) -> str:

@@ -131,3 +131,20 @@ def test_flower_chatter_and_its_deprecation_notice_only_with_verbose(monkeypatch
         handler.setLevel(saved[0])
         handler.colored = saved[1]
         flwr_logger.filters[:] = saved[2]
+
+
+def test_closing_summary_lists_few_clients_and_summarises_many(tmp_path):
+    from fedsim.cli import SUMMARY_CLIENT_LINES, closing_summary
+
+    few = {"round": 2, "clients": [{"client": k, "model": "small_cnn", "train_accuracy": 0.5, "test_accuracy": 0.25} for k in range(3)]}
+    lines = closing_summary(few | {"global": {"accuracy": 0.5}}, "accuracy", tmp_path / "metrics.jsonl")
+    assert lines[0] == "  client 0 small_cnn     train accuracy 0.500  local test accuracy 0.250" and len(lines) == 4
+    assert lines[-1] == '  global model: {"accuracy": 0.5}'
+    many = {
+        "round": 5,
+        "clients": [{"client": k, "model": "small_cnn", "train_accuracy": k / 100, "test_accuracy": 0.5} for k in range(100)],
+    }
+    lines = closing_summary(many | {"global": None}, "accuracy", tmp_path / "metrics.jsonl")
+    assert SUMMARY_CLIENT_LINES < 100 and len(lines) == 2
+    assert lines[0].startswith("  100 clients of round 5: train accuracy mean 0.495 range 0.000-0.990")
+    assert lines[1].startswith("  100 clients of round 5: local test accuracy mean 0.500 range 0.500-0.500")

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/scale.json")
     args = p.parse_args(argv)
     rows = []
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedsim-scale-") as tmp:
         for n in args.clients:
             for mode in args.modes:
@@ -149,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['clients']} | {r['per_round']} | {r['rounds']} | {r['wall_s']:.0f} s | {r['peak_pss_gb']:.2f} GB"
             f" | {int(r['metrics_bytes']) / 1e3:.0f} kB |"  # type: ignore[call-overload]
         )
-    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "load_before": os.getloadavg(), "rows": rows}
+    info = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_at_start": load_at_start,
+        "load_at_end": os.getloadavg(),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1) + "\n")
     return 0

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedsim.analysis.cme import NULL_COVERAGE, NULL_SAMPLES, SATURATION_PATIENCE, SIMILARITY_THRESHOLD
 from fedsim.config import OPTION_FIELDS, SCENARIOS, RunConfig
@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clients", type=int, help=f"number of hospitals (default: {d.clients}; with --partition sites the number of site folders)"
     )
+    run.add_argument(
+        "--fraction-train",
+        type=float,
+        default=d.fraction_train,
+        metavar="F",
+        help="client sampling: share of the clients that train in each round, max(1, floor(F x clients)), seeded and "
+        "recorded in metrics.jsonl (default: %(default)s = all)",
+    )
+    run.add_argument(
+        "--clients-per-round", type=int, default=d.clients_per_round, metavar="K", help="client sampling: K clients per round (0 = all)"
+    )
     run.add_argument("--strategy", default=d.strategy, help="aggregation strategy (default: %(default)s)")
     run.add_argument("--partition", help="partitioner (default: from scenario: iid or identical)")
     run.add_argument("--alpha", type=float, default=d.alpha, help="dirichlet concentration (default: %(default)s)")
@@ -60,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int)
     run.add_argument("--lr", type=float, help="client Adam learning rate (default: from profile)")
     run.add_argument(
-        "--models", type=_names, default=(), help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn"
+        "--models",
+        type=_names,
+        default=(),
+        help="one model per client, overriding the scenario, e.g. small_cnn,small_cnn,small_cnn; one name applies to every client",
     )
     run.add_argument("--server-model", default="", help="server model (default: resnet50, or the clients' model if all equal)")
     run.add_argument("--site-styles", action="store_true", help="give each hospital its own synthetic scanner style")
@@ -112,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLIENT:KIND[:LEVEL]",
         help="inject a fault into one client, repeatable: few-data, label-noise, lazy, free-rider, diverge, "
         "crash, hang, nan (e.g. 1:few-data:0.1, 1:crash:2; see docs/cme-validation.md, docs/reliability.md)",
+    )
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="log every client's metrics and local epochs, and Flower's and Ray's messages"
     )
     rel = run.add_argument_group("reliability (docs/reliability.md)")
     rel.add_argument(
@@ -230,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The closing summary lists each client of the last round up to this many, else mean and range.
+SUMMARY_CLIENT_LINES = 10
+
 #: Flags a resumed run may change: they do not change its results.
 RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every", "ray_address", "tracker", "tracking_uri")
 
@@ -237,7 +257,7 @@ RESUME_MAY_CHANGE = ("node_timeout", "round_timeout", "checkpoint_every", "ray_a
 def _config_fields(args: argparse.Namespace) -> dict[str, object]:
     from fedsim.config import parse_key_values
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "config")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "config", "verbose")}
     for key in OPTION_FIELDS:
         if key in fields:
             fields[key] = parse_key_values(fields[key])
@@ -358,12 +378,13 @@ def _cmd_list() -> None:
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from fedsim._logging import enable_console_logging
+    from fedsim._logging import enable_console_logging, set_verbose
     from fedsim.clients.tasks import get_task
     from fedsim.rundir import METRICS_FILE, RunDir, default_out_dir
     from fedsim.server.app import RunInterrupted
     from fedsim.simulation import run_simulation
 
+    set_verbose(bool(getattr(args, "verbose", False)))
     enable_console_logging()
     if args.resume:
         if args.config:
@@ -386,17 +407,34 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     rows = RunDir(out).read_metrics()
     if not rows:
         raise RuntimeError(f"the run wrote no metrics to {out / METRICS_FILE}")
-    last = rows[-1]
-    metric = get_task(cfg.task).primary_metric
     print(f"\nfedsim: {len(rows)} rounds finished; outputs in {out}")
-    for c in last["clients"]:
-        print(
-            f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
-            f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
-        )
-    if last.get("global"):
-        print(f"  global model: {json.dumps(last['global'])}")
+    for line in closing_summary(rows[-1], get_task(cfg.task).primary_metric, out / METRICS_FILE):
+        print(line)
     return 0
+
+
+def closing_summary(last: dict[str, Any], metric: str, metrics_file: Path) -> list[str]:
+    """The lines ``fedsim run`` prints about the last round: one per client up to
+    :data:`SUMMARY_CLIENT_LINES` clients, else mean and range of the train and local-test metric;
+    then the global model's metrics, when there are any."""
+    lines = []
+    if len(last["clients"]) > SUMMARY_CLIENT_LINES:  # a large federation: mean and range, not one line per client
+        for split in ("train", "local test"):
+            values = [c[key] for c in last["clients"] if (key := f"{split.split()[-1]}_{metric}") in c]
+            if values:
+                lines.append(
+                    f"  {len(values)} clients of round {last['round']}: {split} {metric} mean {sum(values) / len(values):.3f}"
+                    f" range {min(values):.3f}-{max(values):.3f} (every client in {metrics_file})"
+                )
+    else:
+        for c in last["clients"]:
+            lines.append(
+                f"  client {c['client']} {c['model']:<13} train {metric} {c.get('train_' + metric, float('nan')):.3f}"
+                f"  local test {metric} {c.get('test_' + metric, float('nan')):.3f}"
+            )
+    if last.get("global"):
+        lines.append(f"  global model: {json.dumps(last['global'])}")
+    return lines
 
 
 def _interrupted_message(out: Path, signame: str) -> str:

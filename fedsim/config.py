@@ -133,6 +133,11 @@ class RunConfig:
     tracker: str = "tensorboard"
     #: MLflow tracking URI; "" = a local store in the run directory (RUN_DIR/mlflow.db).
     tracking_uri: str = ""
+    #: Client sampling: the share of the clients that trains (and evaluates) in a round, drawn anew
+    #: every round from the seed and the round number; ``max(1, floor(fraction_train x clients))``.
+    fraction_train: float = 1.0
+    #: Client sampling by count: this many clients per round (0 = from ``fraction_train``).
+    clients_per_round: int = 0
 
     def __post_init__(self) -> None:
         # Cheap checks that need no registry; registry names are checked in validate_names().
@@ -163,8 +168,10 @@ class RunConfig:
         for name in ("node_timeout", "round_timeout"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
-        if self.models and len(self.models) != self.clients:
-            raise ConfigError(f"models lists {len(self.models)} models for {self.clients} clients; give one per client")
+        if self.models and len(self.models) not in (1, self.clients):
+            raise ConfigError(
+                f"models lists {len(self.models)} models for {self.clients} clients; give one per client, or one name for all of them"
+            )
         if self.fractions and len(self.fractions) != self.clients:
             raise ConfigError(f"fractions lists {len(self.fractions)} values for {self.clients} clients; give one per client")
         if self.fractions and not all(math.isfinite(f) and f > 0 for f in self.fractions):
@@ -189,11 +196,38 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
         if self.min_clients > self.clients:
             raise ConfigError(f"min_clients={self.min_clients} exceeds the {self.clients} clients; use at most {self.clients} (0 = all)")
+        self._check_sampling()
         _positive_int("cme_max_size", self.cme_max_size)
         if self.cme_max_size < 2:
             raise ConfigError(f"cme_max_size must be >= 2 (a covariance needs two rows), got {self.cme_max_size}")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16 pixels, got {self.image_size}")
+
+    def _check_sampling(self) -> None:
+        if not (isinstance(self.fraction_train, int | float) and math.isfinite(self.fraction_train) and 0 < self.fraction_train <= 1):
+            raise ConfigError(f"fraction_train must be a number in (0, 1] (the share of clients per round), got {self.fraction_train!r}")
+        k = self.clients_per_round
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"clients_per_round must be a whole number >= 0 (0 = from fraction_train), got {k!r}")
+        if k and self.fraction_train != 1:
+            raise ConfigError(
+                f"give either --fraction-train ({self.fraction_train:g}) or --clients-per-round ({k}), not both "
+                "(run-config keys fraction-train / clients-per-round)"
+            )
+        if k > self.clients:
+            raise ConfigError(f"clients_per_round={k} exceeds the {self.clients} clients; use at most {self.clients}")
+        if self.min_clients > self.sample_size():
+            raise ConfigError(
+                f"min_clients={self.min_clients} exceeds the {self.sample_size()} clients sampled per round; "
+                f"use --min-clients {self.sample_size()} or fewer (0 = all sampled)"
+            )
+
+    def sample_size(self) -> int:
+        """Clients that train and evaluate in each round: ``clients_per_round``, else
+        ``max(1, floor(fraction_train x clients))`` (all clients with the defaults)."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        return max(1, min(self.clients, math.floor(self.fraction_train * self.clients + 1e-9)))
 
     # ------------------------------------------------------------------ resolution
     @property
@@ -205,6 +239,9 @@ class RunConfig:
         return parse_faults(self.faults, self.clients)
 
     def client_models(self) -> tuple[str, ...]:
+        """One model name per client: ``models`` (one name stands for every client), else the scenario's."""
+        if len(self.models) == 1:
+            return self.models * self.clients
         return self.models or self.scenario_spec.models_for(self.clients)
 
     def model_for(self, partition_id: int) -> str:

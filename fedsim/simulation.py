@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedsim._logging import logger
+from fedsim._logging import VERBOSE_ENV, logger, quiet_third_party, verbose
 from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.clients.tasks.resolve import cuda_available
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
@@ -189,6 +189,14 @@ def ray_layout(cfg: ResolvedConfig) -> RayLayout:
     return RayLayout(cfg.ray_address, nodes, cfg.client_cpus, cfg.client_gpus)
 
 
+def message_window(cfg: ResolvedConfig) -> int:
+    """Messages the server keeps in flight in the Simulation Engine: 4 per client actor (Ray runs
+    ``floor(CPUs / client_cpus)`` actors), enough to keep every actor busy while Flower's per-node
+    polling stays cheap with many nodes (:class:`~fedsim.server.app.OrderedGrid`)."""
+    actors = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    return 4 * actors
+
+
 #: Seconds after a stop signal before client calls still running are ended by killing their actors.
 STOP_GRACE = 3.0
 
@@ -287,10 +295,17 @@ def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    try:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
-    except ConnectionError as exc:  # "auto" and no cluster found, or the head went away meanwhile
-        raise RayClusterUnreachable(f"cannot join a Ray cluster at {cfg.ray_address}: {exc}".splitlines()[0]) from None
+    env_vars = {"PYTHONPATH": pythonpath}
+    if os.environ.get(VERBOSE_ENV) is not None:  # the clients' console verbosity (fedsim._logging)
+        env_vars[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+    with warnings.catch_warnings():
+        if not verbose():  # Ray's tip about accelerator env vars (a FutureWarning on every start)
+            warnings.simplefilter("ignore", FutureWarning)
+        level = logging.INFO if verbose() is not False else logging.WARNING  # "Started a local Ray instance" etc.
+        try:
+            ray.init(runtime_env={"env_vars": env_vars}, logging_level=level, **backend_config(cfg)["init_args"])  # type: ignore[arg-type]
+        except ConnectionError as exc:  # "auto" and no cluster found, or the head went away meanwhile
+            raise RayClusterUnreachable(f"cannot join a Ray cluster at {cfg.ray_address}: {exc}".splitlines()[0]) from None
     try:
         with stop_on_signals(stop):
             yield
@@ -312,7 +327,10 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
     if cfg.cme:
         check_cme_layers(cfg)
     sizes = get_task(cfg.task).check_data(cfg)
-    logger.info("data ok: %s samples per client", sizes)
+    if len(sizes) > 10:
+        logger.info("data ok: %d clients, %d-%d samples each", len(sizes), min(sizes), max(sizes))
+    else:
+        logger.info("data ok: %s samples per client", sizes)
     # With ray_address the cluster's resources count, not this machine's: checked once joined.
     if not cfg.ray_address and cfg.client_gpus > 0 and not cuda_available():
         raise ConfigError(
@@ -333,8 +351,11 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
             layout = ray_layout(cfg)
         layout.check()
         logger.info("%s", layout.describe())
+        quiet_third_party()  # now that Flower is imported: its chatter off unless -v (fedsim._logging)
+        # Flower deprecates run_simulation in favour of `flwr run`, which needs a SuperLink process;
+        # tests/test_flower_api.py fails as soon as the function or these parameters go.
         flwr_run_simulation(
-            server_app=make_server_app(cfg, resume=resume, stop=stop, ray_layout=layout.to_json()),
+            server_app=make_server_app(cfg, resume=resume, stop=stop, ray_layout=layout.to_json(), window=message_window(cfg)),
             client_app=client_app,
             num_supernodes=cfg.clients,
             backend_config=backend_config(cfg),

@@ -38,7 +38,7 @@ def test_scenarios_match_table_1():
         ({"alpha": 0.0}, "alpha must be a positive number"),
         ({"lr": float("nan")}, "lr must be a positive number"),
         ({"local_test_fraction": 1.0}, r"local_test_fraction must be in \(0, 1\)"),
-        ({"models": ("small_cnn",)}, "models lists 1 models for 3 clients"),
+        ({"models": ("small_cnn", "small_cnn")}, "models lists 2 models for 3 clients; give one per client, or one name"),
         ({"image_size": 8}, "image_size must be >= 16"),
     ],
 )

@@ -138,7 +138,7 @@ def placement(pid: int, server_round: int, dev: torch.device) -> ConfigRecord:
 
 def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
     """Config, identity, the model (private state + received shared arrays) and those arrays."""
-    enable_console_logging()
+    enable_console_logging(client=True)
     cfg = ResolvedConfig.from_flower(msg.content.config_records["config"], ignore=FLOWER_CONFIG_KEYS)
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)

@@ -54,8 +54,12 @@ from fedsim.server.checkpoint import (
 )
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import PlacementLog, RoundRecorder, scalar
+from fedsim.server.sampling import SampleLog, seeded_sampling
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 from fedsim.tracking import open_tracking
+
+#: Seconds between pulls for replies while a message window (``OrderedGrid(window=...)``) is full.
+WINDOW_POLL = 0.05
 
 #: Largest CME record (bytes) the server accepts from one client and round.
 MAX_CME_PAYLOAD = 256_000_000
@@ -172,6 +176,13 @@ class OrderedGrid(Grid):
       there, whatever the strategy).
     * ``stop``: when this event is set, the wait for replies ends with :class:`RunInterrupted`
       (the CLI sets it on SIGINT / SIGTERM), within ``poll`` seconds.
+    * ``window`` (with ``stop``; 0 = no limit): at most this many messages of an exchange are in
+      flight; the next is pushed when a reply comes in. Flower's Simulation Engine checks every
+      node's queue every 0.1 s by scanning all undelivered and unanswered messages (cost: nodes x
+      messages in flight): with 1,000 nodes and 100 messages pushed at once that scan kept one of
+      2 cores busy and the client actor starved (docs/scale.md). Replies are sorted anyway, so
+      the window does not change results; only simulation uses it (real SuperNodes work in
+      parallel).
     """
 
     def __init__(
@@ -184,6 +195,7 @@ class OrderedGrid(Grid):
         hooks: Sequence[GridHook] = (),
         stop: StopRequest | None = None,
         poll: float = 0.2,
+        window: int = 0,
     ) -> None:
         self._grid = grid
         self._on_reply = on_reply
@@ -192,6 +204,7 @@ class OrderedGrid(Grid):
         self.hooks: list[GridHook] = list(hooks)
         self._stop = stop
         self._poll = poll
+        self._window = window
         self.partition_of: dict[int, int] = {}
 
     @property
@@ -205,7 +218,12 @@ class OrderedGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """The connected nodes, in partition order once :meth:`identify` has run (Flower's
+        ``sample_nodes`` draws from this list: the order makes a seeded draw reproducible)."""
+        ids = list(self._grid.get_node_ids())
+        if self.partition_of:
+            ids.sort(key=lambda n: (n not in self.partition_of, self.partition_of.get(n, 0), n))
+        return ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -263,19 +281,26 @@ class OrderedGrid(Grid):
         if self._stop is None:
             return list(self._grid.send_and_receive(messages, timeout=timeout))
         # As Flower's grids do (push, then pull until every reply is in or the time is up), but
-        # checking the stop event between pulls so that a signal ends the wait.
-        pending = set(self._grid.push_messages(messages))
+        # checking the stop event between pulls so that a signal ends the wait, and with a window
+        # keeping at most `window` messages in flight (see __init__).
+        queue = list(messages)
+        window = self._window or len(queue)
+        pending: set[str] = set()
         end = time.monotonic() + (timeout if timeout is not None else math.inf)
         out: list[Message] = []
-        while pending:
+        while queue or pending:
             if self._stop.is_set():
                 raise RunInterrupted(self._stop.signum)
+            if queue and len(pending) < window:
+                batch, queue = queue[: window - len(pending)], queue[window - len(pending) :]
+                pending |= set(self._grid.push_messages(batch))
             got = list(self._grid.pull_messages(pending))
             out.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= end:
+            if not (queue or pending) or time.monotonic() >= end:
                 break
-            self._stop.wait(self._poll)
+            if not got or not queue:
+                self._stop.wait(self._poll if not self._window else min(self._poll, WINDOW_POLL))
         return out
 
     def _sort_key(self, msg: Message) -> tuple[int, int]:
@@ -376,7 +401,13 @@ def _round_of(messages: Sequence[Message]) -> int:
 
 
 def run_server(
-    grid: Grid, cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, ray_layout: dict[str, Any] | None = None
+    grid: Grid,
+    cfg: ResolvedConfig,
+    *,
+    resume: bool = False,
+    stop: StopRequest | None = None,
+    ray_layout: dict[str, Any] | None = None,
+    window: int = 0,
 ) -> Result:
     """Run a whole federated training with a resolved config; return Flower's ``Result``.
 
@@ -384,6 +415,7 @@ def run_server(
     ``stop``: an event that ends the run with :class:`RunInterrupted` when set (signal handling).
     ``ray_layout``: where the clients run (``fedsim.simulation.RayLayout.to_json``), recorded in
     ``config.json`` as ``ray``.
+    ``window``: messages in flight at most (:class:`OrderedGrid`; simulation only; 0 = all).
     """
     task = get_task(cfg.task)
     run_dir = _open_run_dir(cfg, resume, ray_layout)
@@ -398,7 +430,7 @@ def run_server(
     complete = set(shared) == {k for k, v in server_state.items() if v.is_floating_point()}
     logger.info(
         "scenario %d (%s): clients %s, server %s; sharing %d tensors (%s)",
-        cfg.scenario, cfg.scenario_spec.description, list(client_models), cfg.server_model,
+        cfg.scenario, cfg.scenario_spec.description, _model_list(client_models), cfg.server_model,
         len(shared), "whole model" if complete else "head layers: " + ", ".join(shared),
     )  # fmt: skip
 
@@ -419,22 +451,31 @@ def run_server(
     sites = task.site_names(cfg)
     if sites:
         logger.info("one client per site: %s", ", ".join(f"client {k} = {name}" for k, name in enumerate(sites)))
-    recorder = RoundRecorder(run_dir, client_models, global_eval if complete and not local else None, sites)
+    sampling = cfg.sample_size() < cfg.clients
+    recorder = RoundRecorder(
+        run_dir, client_models, global_eval if complete and not local else None, sites,
+        primary_metric=task.primary_metric, num_rounds=cfg.rounds, record_sampled=sampling,
+    )  # fmt: skip
     strategy = build_strategy(cfg, StrategyHooks(cfg.clients, recorder.train_metrics, recorder.evaluate_metrics))
     ckpt = _load_for_resume(run_dir, cfg) if resume else None
     on_reply = None
+    cme_writer = None
     if cfg.cme:
         check_cme_layers(cfg)
-        on_reply = CMEArchiveWriter(run_dir.path).collect
+        cme_writer = CMEArchiveWriter(run_dir.path, defer_index=True)  # index rewritten once per round
+        on_reply = cme_writer.collect
         logger.info("recording CMEs into %s", run_dir.path / "cme")
     ordered = OrderedGrid(
-        grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, hooks=[PlacementLog(run_dir.path)], stop=stop
-    )
+        grid, on_reply, min_replies=cfg.min_clients, on_failures=recorder.note_failures, hooks=[PlacementLog(run_dir.path)], stop=stop,
+        window=window,
+    )  # fmt: skip
     ids = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     logger.info("%d client nodes connected", len(ids))
     ordered.identify(ids, ConfigRecord(cfg.to_flower()), cfg.round_timeout)
-    exchange = ClientStateExchange(functools.partial(is_checkpoint_round, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
+    exchange = ClientStateExchange(functools.partial(wants_client_state, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
     ordered.hooks.append(exchange)
+    ordered.hooks.append(SampleLog(ordered.partition_of, recorder.note_sampled))
+    logger.info("%s", describe_run(cfg))
     checkpointer = Checkpointer(run_dir, cfg, strategy, exchange.states)
     if ckpt is not None:
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.arrays.items()})
@@ -456,8 +497,9 @@ def run_server(
             train_config=ConfigRecord(cfg.to_flower()),
             evaluate_config=ConfigRecord(cfg.to_flower()),
             evaluate_fn=recorder.on_round_end,
-            on_round_end=[checkpointer.on_round_end],
+            on_round_end=[*([cme_writer.on_round_end] if cme_writer else []), checkpointer.on_round_end, recorder.log_round],
             on_round_start=[recorder.on_round_start],
+            sampling=functools.partial(seeded_sampling, cfg.seed) if sampling else None,
         )
     final = {k: np.asarray(v.numpy()) for k, v in result.arrays.items()}
     meta = {"server_model": cfg.server_model, "complete": str(complete and not local).lower(), "rounds": str(cfg.rounds)}
@@ -468,6 +510,35 @@ def run_server(
         atomic_write_bytes(run_dir.path / "privacy.json", (json.dumps(spent.to_json(), sort_keys=True) + "\n").encode())
     logger.info("final global parameters: %s", path)
     return result
+
+
+def _model_list(models: Sequence[str]) -> str:
+    """``['resnet50', 'densenet121', 'alexnet_skip']``, or ``1000 x small_cnn`` when all are the same."""
+    if len(models) > 3 and len(set(models)) == 1:
+        return f"{len(models)} x {models[0]}"
+    return str(list(models))
+
+
+def wants_client_state(cfg: ResolvedConfig, server_round: int) -> bool:
+    """Whether the clients that train in ``server_round`` send their private tensors: in checkpoint
+    rounds, and with client sampling in every round (unless checkpoints are off), since a client
+    that trains between two checkpoints may not be sampled in the next one, and the checkpoint
+    must hold its newest state."""
+    if cfg.sample_size() < cfg.clients and cfg.checkpoint_every > 0:
+        return True
+    return is_checkpoint_round(cfg, server_round)
+
+
+def describe_run(cfg: ResolvedConfig) -> str:
+    """One line naming the strategy, its options and weighting, and who trains per round."""
+    options = ", ".join(f"{k}={v}" for k, v in cfg.strategy_options)
+    line = f"{cfg.rounds} rounds of {cfg.strategy}" + (f" ({options})" if options else "")
+    if cfg.strategy == "equal_avg":
+        line += ", every client weighted equally"
+    k = cfg.sample_size()
+    if k < cfg.clients:
+        return f"{line}; {k} of {cfg.clients} clients per round, sampled with seed {cfg.seed} (recorded as 'sampled' in metrics.jsonl)"
+    return f"{line}; all {cfg.clients} clients every round"
 
 
 def _open_run_dir(cfg: ResolvedConfig, resume: bool, ray_layout: dict[str, Any] | None = None) -> RunDir:
@@ -518,16 +589,16 @@ def check_cme_layers(cfg: ResolvedConfig) -> None:
 
 
 def make_server_app(
-    cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, ray_layout: dict[str, Any] | None = None
+    cfg: ResolvedConfig, *, resume: bool = False, stop: StopRequest | None = None, ray_layout: dict[str, Any] | None = None, window: int = 0
 ) -> ServerApp:
     """A ServerApp bound to an already-resolved config (used by ``fedsim run``); ``resume``,
-    ``stop`` and ``ray_layout`` as in :func:`run_server`."""
+    ``stop``, ``ray_layout`` and ``window`` as in :func:`run_server`."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         enable_console_logging()
-        run_server(grid, cfg, resume=resume, stop=stop, ray_layout=ray_layout)
+        run_server(grid, cfg, resume=resume, stop=stop, ray_layout=ray_layout, window=window)
 
     return server_app
 

@@ -320,7 +320,7 @@ class Checkpointer:
             rng_arrays=r_arrays,
         )
         path = save_checkpoint(self.run_dir, ckpt)
-        logger.info("round %d checkpoint: %s", server_round, path)
+        logger.debug("round %d checkpoint: %s", server_round, path)
 
 
 def checkpoint_round(run_dir: RunDir) -> int | None:

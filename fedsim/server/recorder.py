@@ -6,11 +6,18 @@ every client's reply) and into ``evaluate_fn``, which Flower calls at the end of
 Each line also carries the round's wall time (``wall_s``, from :meth:`RoundRecorder.on_round_start`)
 and every client's per-epoch train metrics (``epochs``, from the reply's ``fedsim.epochs`` record);
 ``listeners`` (e.g. an experiment tracker, :mod:`fedsim.tracking`) get every line once it is written.
+
+The console gets one line per round (:func:`round_line`: wall time, ETA, mean and range of the
+task's primary metric over the round's clients, the global model's metric when there is one), so a
+run of 1,000 clients reads as easily as one of 3; every client's metrics go to ``metrics.jsonl``
+and, with ``-v``, to the log (DEBUG). Once per run a warning names clients whose local test split is
+too small (:data:`MIN_TEST_EXAMPLES`) for their test metrics to mean much.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +50,12 @@ def scalar(value: MetricRecordValues) -> int | float:
     return value
 
 
+#: Fewer local test examples than this and a client's test metric is mostly noise: an accuracy
+#: near 0.5 measured on n examples has a standard error of 0.5 / sqrt(n), 0.09 at n = 30, and with
+#: 7 examples it can only take the values 0, 1/7, ..., 1.
+MIN_TEST_EXAMPLES = 30
+
+
 def _record(m: Mapping[str, float]) -> MetricRecord:
     values: dict[str, MetricRecordValues] = dict(m)
     return MetricRecord(values)
@@ -58,6 +71,10 @@ class RoundRecorder:
         global_eval: Callable[[ArrayRecord], dict[str, float]] | None = None,
         sites: Sequence[str] = (),
         listeners: Sequence[Callable[[dict[str, Any]], None]] = (),
+        *,
+        primary_metric: str = "accuracy",
+        num_rounds: int = 0,
+        record_sampled: bool = False,
     ) -> None:
         self.run_dir = run_dir
         self.listeners: list[Callable[[dict[str, Any]], None]] = list(listeners)
@@ -65,9 +82,22 @@ class RoundRecorder:
         self.client_models = tuple(client_models)
         self.sites = tuple(sites)  # client k's site name (--partition sites); () = no sites
         self.global_eval = global_eval
+        self.primary_metric = primary_metric
+        self.num_rounds = num_rounds
+        self.record_sampled = record_sampled
         self._train: dict[int, dict[str, Any]] = {}
         self._eval: dict[int, dict[str, Any]] = {}
         self._failed: list[dict[str, Any]] = []
+        self._sampled: list[int] | None = None
+        self._warned_small_test = False
+        self._last = time.monotonic()
+        self._durations: list[float] = []
+        self._line: tuple[int, str] | None = None
+
+    def note_sampled(self, partitions: list[int]) -> None:
+        """The clients sampled for this round's training (:class:`~fedsim.server.sampling.SampleLog`);
+        recorded as ``sampled`` when ``record_sampled`` (client sampling is on)."""
+        self._sampled = list(partitions)
 
     def note_failures(self, failures: Sequence[Any]) -> None:
         """Clients the round went on without (``ClientFailure``: ``to_json()``); recorded in the
@@ -102,6 +132,7 @@ class RoundRecorder:
         if server_round == 0:
             if glob:
                 logger.info("initial global model: %s", _fmt(glob))
+            self._last = time.monotonic()
             return _record(glob) if glob else None
         clients = []
         for pid in sorted(set(self._train) | set(self._eval)):
@@ -116,13 +147,13 @@ class RoundRecorder:
             if EPOCHS_RECORD_KEY in tr:
                 row["epochs"] = tr[EPOCHS_RECORD_KEY]
             clients.append(row)
-            logger.info(
+            logger.debug(
                 "round %d client %d%s (%s): %s", server_round, pid, f" [{row['site']}]" if self.sites else "", row["model"],
                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train_", "test_"))),
             )  # fmt: skip
-        if glob:
-            logger.info("round %d global model: %s", server_round, _fmt(glob))
         line: dict[str, Any] = {"round": server_round, "clients": clients, "global": _strip(glob)}
+        if self.record_sampled and self._sampled is not None:
+            line["sampled"] = self._sampled
         if self._failed:
             line["failed"] = list(self._failed)
         if self._round_start is not None:
@@ -130,10 +161,44 @@ class RoundRecorder:
         self.run_dir.append_metrics(line)
         for listener in self.listeners:
             listener(line)
+        self._warn_small_test(server_round, clients)
+        now = time.monotonic()
+        self._durations.append(now - self._last)
+        self._last = now
+        remaining = max(0, self.num_rounds - server_round)
+        eta = sum(self._durations) / len(self._durations) * remaining if self.num_rounds else None
+        self._line = (
+            server_round,
+            round_line(server_round, self.num_rounds, self._durations[-1], eta, clients, _strip(glob), self.primary_metric),
+        )
         self._train.clear()
         self._eval.clear()
         self._failed.clear()
+        self._sampled = None
         return _record(glob) if glob else None
+
+    def log_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Round-end hook, registered after the checkpoint's: the console's line of the round
+        (:func:`round_line`), so that once it shows, the round's checkpoint is on disk."""
+        if self._line is not None and self._line[0] == server_round:
+            extra = {"progress": (server_round, self.num_rounds)} if self.num_rounds else None
+            logger.info("%s", self._line[1], extra=extra)
+        self._line = None
+
+    def _warn_small_test(self, server_round: int, clients: list[dict[str, Any]]) -> None:
+        """Once per run: which clients test on fewer than :data:`MIN_TEST_EXAMPLES` examples."""
+        small = [c for c in clients if 0 < c["num_test_examples"] < MIN_TEST_EXAMPLES]
+        if self._warned_small_test or not small:
+            return
+        self._warned_small_test = True
+        n = min(c["num_test_examples"] for c in small)
+        who = f"clients {', '.join(str(c['client']) for c in small)}" if len(small) <= 5 else f"{len(small)} of {len(clients)} clients"
+        logger.warning(
+            "round %d: %s test on fewer than %d local examples (the fewest: %d), so their test %s rests on a handful of "
+            "examples (an accuracy on %d can only move in steps of 1/%d) and differences between clients or rounds are mostly "
+            "noise; use more data (--num-samples) or fewer clients",
+            server_round, who, MIN_TEST_EXAMPLES, n, self.primary_metric, n, n,
+        )  # fmt: skip
 
 
 def _strip(m: dict[str, float] | None) -> dict[str, float] | None:
@@ -189,3 +254,37 @@ def read_placement(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    """``8.4s``, ``2m05s``, ``1h02m``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m{int(seconds % 60):02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def round_line(
+    server_round: int,
+    num_rounds: int,
+    seconds: float,
+    eta: float | None,
+    clients: Sequence[Mapping[str, Any]],
+    glob: Mapping[str, float] | None,
+    metric: str,
+) -> str:
+    """The console's one line per round, e.g. ``round 2/5 8.4s (ETA 25.2s): 3 clients, test accuracy
+    mean 0.333 range 0.000-0.571; global accuracy 0.222``."""
+    head = f"round {server_round}/{num_rounds}" if num_rounds else f"round {server_round}"
+    head += f" {_duration(seconds)}" + (f" (ETA {_duration(eta)})" if eta is not None and server_round < num_rounds else "")
+    values = [float(c[f"test_{metric}"]) for c in clients if f"test_{metric}" in c and math.isfinite(float(c[f"test_{metric}"]))]
+    parts = [f"{len(clients)} client{'s' if len(clients) != 1 else ''}"]
+    if values:
+        mean = sum(values) / len(values)
+        parts[0] += f", test {metric} mean {mean:.3f} range {min(values):.3f}-{max(values):.3f}"
+    line = f"{head}: {parts[0]}"
+    if glob and metric in glob:
+        line += f"; global {metric} {glob[metric]:.3f}"
+    return line

@@ -193,7 +193,7 @@ class DPAdaptiveOptions:
 
 
 def check_adaptive(options: DPAdaptiveOptions, cfg: RunConfig) -> None:
-    if options.noise >= 2 * options.count_noise(cfg.clients):
+    if options.noise >= 2 * options.count_noise(cfg.sample_size()):
         raise ValueError(f"noise {options.noise} needs count-stddev > noise / 2 = {options.noise / 2:g}, got {options.count_stddev}")
 
 
@@ -201,7 +201,7 @@ def check_adaptive(options: DPAdaptiveOptions, cfg: RunConfig) -> None:
 def build_dp_fixed(options: DPFixedOptions, hooks: StrategyHooks) -> AccountedFixedClipping:
     """DP-FedAvg, server-side fixed clipping, with the epsilon spent (McMahan et al. 2018)."""
     inner = EqualWeightFedAvg(**hooks.fedavg_kwargs())
-    return AccountedFixedClipping(inner, options.noise, options.clip, hooks.num_nodes, options.delta, hooks.seed)
+    return AccountedFixedClipping(inner, options.noise, options.clip, hooks.per_round, options.delta, hooks.seed)
 
 
 @register_strategy("dp_adaptive", options=DPAdaptiveOptions, check=check_adaptive)
@@ -209,7 +209,7 @@ def build_dp_adaptive(options: DPAdaptiveOptions, hooks: StrategyHooks) -> Accou
     """DP-FedAvg, server-side adaptive clipping, with the epsilon spent (Andrew et al. 2021)."""
     inner = EqualWeightFedAvg(**hooks.fedavg_kwargs())
     return AccountedAdaptiveClipping(
-        inner, options.noise, hooks.num_nodes, options.delta, hooks.seed,
+        inner, options.noise, hooks.per_round, options.delta, hooks.seed,
         initial_clipping_norm=options.clip, target_clipped_quantile=options.quantile,
-        clip_norm_lr=options.clip_lr, clipped_count_stddev=options.count_noise(hooks.num_nodes),
+        clip_norm_lr=options.clip_lr, clipped_count_stddev=options.count_noise(hooks.per_round),
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Flower's own averaging and server-optimiser strategies, selectable by name with typed options.
 
-Every strategy trains and evaluates all clients every round (:class:`StrategyHooks`). Options
+Every strategy trains and evaluates the clients of the round: all of them, or the sampled ones
+(:class:`StrategyHooks`, ``--fraction-train`` / ``--clients-per-round``). Options
 (``--strategy-option key=value``) keep Flower's names and defaults unless stated:
 
 * ``fedavg``: FedAvg (McMahan et al., AISTATS 2017, arXiv:1602.05629);

@@ -37,23 +37,36 @@ WEIGHTINGS = ("examples", "equal")
 
 @dataclass(frozen=True)
 class StrategyHooks:
-    """What every fedsim strategy gets from the server: all ``num_nodes`` clients train and
-    evaluate every round, and the metric-aggregation hooks through which it records per-client
-    results. ``seed`` (the run's seed: DP noise) and ``lr`` (the clients' learning rate: q-FedAvg's
-    Lipschitz estimate; 0 = unknown) are filled in by :func:`build_strategy` from the config."""
+    """What every fedsim strategy gets from the server: ``num_nodes`` clients, of which
+    ``sample_size`` (0 = all) train and evaluate in each round, and the metric-aggregation hooks
+    through which it records per-client results. ``seed`` (the run's seed: DP noise) and ``lr`` (the
+    clients' learning rate: q-FedAvg's Lipschitz estimate; 0 = unknown) are filled in by
+    :func:`build_strategy` from the config.
+
+    Sampling is Flower's own: ``fraction_train`` / ``min_train_nodes`` (and the evaluate pair) make
+    its ``sample_nodes`` draw exactly ``per_round`` nodes; the server makes the draw seeded and
+    ordered (:mod:`fedsim.server.sampling`), and the same clients evaluate as trained."""
 
     num_nodes: int
     train_metrics_aggr_fn: Callable[..., Any] | None = None
     evaluate_metrics_aggr_fn: Callable[..., Any] | None = None
     seed: int = 0
     lr: float = 0.0
+    sample_size: int = 0
+
+    @property
+    def per_round(self) -> int:
+        """Clients in each round: ``sample_size`` (at most ``num_nodes``), or all ``num_nodes``."""
+        return min(self.sample_size, self.num_nodes) if self.sample_size else self.num_nodes
 
     def fedavg_kwargs(self) -> dict[str, Any]:
+        # int(num_nodes * fraction) may round down to per_round - 1; min_*_nodes makes it per_round.
+        fraction = 1.0 if self.per_round == self.num_nodes else self.per_round / self.num_nodes
         return {
-            "fraction_train": 1.0,
-            "fraction_evaluate": 1.0,
-            "min_train_nodes": self.num_nodes,
-            "min_evaluate_nodes": self.num_nodes,
+            "fraction_train": fraction,
+            "fraction_evaluate": fraction,
+            "min_train_nodes": self.per_round,
+            "min_evaluate_nodes": self.per_round,
             "min_available_nodes": self.num_nodes,
             "train_metrics_aggr_fn": self.train_metrics_aggr_fn,
             "evaluate_metrics_aggr_fn": self.evaluate_metrics_aggr_fn,
@@ -119,8 +132,9 @@ def strategy_options(cfg: RunConfig) -> Any:
 
 
 def build_strategy(cfg: RunConfig, hooks: StrategyHooks) -> Strategy:
-    """The strategy of ``cfg``; the hooks get the run's seed and learning rate."""
-    hooks = dataclasses.replace(hooks, seed=cfg.seed, lr=float(cfg.lr or 0.0))
+    """The strategy of ``cfg``; the hooks get the run's seed, learning rate and clients per round."""
+    sampled = cfg.sample_size() if cfg.sample_size() < cfg.clients else 0  # 0: every client, however many nodes
+    hooks = dataclasses.replace(hooks, seed=cfg.seed, lr=float(cfg.lr or 0.0), sample_size=sampled)
     return STRATEGIES.get(cfg.strategy).factory(strategy_options(cfg), hooks)
 
 

@@ -67,31 +67,41 @@ class MultiKrumOptions(KrumOptions):
             raise ValueError(f"select must be >= 1, or 0 for clients - num-malicious, got {self.select}")
 
 
+def _per_round(cfg: RunConfig) -> tuple[int, str]:
+    """Clients aggregated per round (the sampled ones) and how to name them in a message."""
+    n = cfg.sample_size()
+    return n, (f"{n} clients" if n == cfg.clients else f"{n} clients per round (sampled of {cfg.clients})")
+
+
 def check_trimmed(options: TrimmedAvgOptions, cfg: RunConfig) -> None:
-    if math.floor(options.beta * cfg.clients) < 1:
+    n, what = _per_round(cfg)
+    if math.floor(options.beta * n) < 1:
         raise ValueError(
-            f"beta={options.beta} cuts floor({options.beta} x {cfg.clients} clients) = 0 values from each end, "
-            f"so it would be a plain mean; use beta >= {1 / cfg.clients:.3g} or more clients"
+            f"beta={options.beta} cuts floor({options.beta} x {what}) = 0 values from each end, "
+            f"so it would be a plain mean; use beta >= {1 / n:.3g} or more clients"
         )
 
 
 def check_krum(options: KrumOptions, cfg: RunConfig) -> None:
     need = 2 * options.num_malicious + 3
-    if cfg.clients < need:
-        raise ValueError(f"krum with num-malicious={options.num_malicious} needs >= 2f+3 = {need} clients, got {cfg.clients}")
+    n, what = _per_round(cfg)
+    if n < need:
+        raise ValueError(f"krum with num-malicious={options.num_malicious} needs >= 2f+3 = {need} clients, got {what}")
 
 
 def check_multikrum(options: MultiKrumOptions, cfg: RunConfig) -> None:
     check_krum(options, cfg)
-    if options.select > cfg.clients:
-        raise ValueError(f"select={options.select} is more than the {cfg.clients} clients")
+    n, what = _per_round(cfg)
+    if options.select > n:
+        raise ValueError(f"select={options.select} is more than the {what}")
 
 
 def check_bulyan(options: KrumOptions, cfg: RunConfig) -> None:
     need = 4 * options.num_malicious + 3
-    if cfg.clients < need:
+    n, what = _per_round(cfg)
+    if n < need:
         raise ValueError(
-            f"bulyan with num-malicious={options.num_malicious} needs >= 4f+3 = {need} clients, got {cfg.clients}; "
+            f"bulyan with num-malicious={options.num_malicious} needs >= 4f+3 = {need} clients, got {what}; "
             "lower num-malicious or add clients"
         )
 
@@ -117,7 +127,7 @@ def build_krum(options: KrumOptions, hooks: StrategyHooks) -> Krum:
 @register_strategy("multikrum", options=MultiKrumOptions, check=check_multikrum)
 def build_multikrum(options: MultiKrumOptions, hooks: StrategyHooks) -> MultiKrum:
     """Multi-Krum: mean of the most central client updates (Blanchard et al. 2017)."""
-    select = options.select or hooks.num_nodes - options.num_malicious
+    select = options.select or hooks.per_round - options.num_malicious
     return MultiKrum(num_malicious_nodes=options.num_malicious, num_nodes_to_select=select, **hooks.fedavg_kwargs())
 
 

@@ -120,3 +120,15 @@ def test_old_format_archives_are_refused_with_a_clear_error(tmp_path, rng):
         decode(payload)
     with pytest.raises(CMEArchiveError, match="unsupported CME format 'x/9"):
         decode(encode(fake_cme(rng), 0, 1, "m").replace(FORMAT.encode(), b"x/9" + b" " * (len(FORMAT) - 3)))
+
+
+def test_deferred_index_is_written_once_per_round(tmp_path, rng):
+    """The server's writer rewrites index.json at the round's end, not after every record."""
+    writer = CMEArchiveWriter(tmp_path, defer_index=True)
+    for client in (2, 0, 1):
+        writer.write(encode(fake_cme(rng), client, 1, "m"))
+    assert not (tmp_path / "cme" / "index.json").exists()
+    writer.on_round_end(1, None)
+    assert CMEArchive(tmp_path).clients == [0, 1, 2]
+    with pytest.raises(CMEArchiveError, match="client 0 round 1 are already archived"):
+        writer.write(encode(fake_cme(rng), 0, 1, "m"))

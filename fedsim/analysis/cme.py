@@ -681,12 +681,12 @@ def decide_verdict(
     alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
     test = magnitude_rank_test(s, same_model)
     if test is not None and test.p_value <= alpha and clear_outlier(test):
-        own, peer_med = float(np.median(test.own)), np.median(test.peers, axis=1)
+        own, peer_med = float(np.exp(np.median(test.own))), np.exp(np.median(test.peers, axis=1))
         return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),
                        f"head CME magnitude {_fmt(own)} (median) lowest of {test.clients} clients in {test.top_rounds} of "
                        f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
                        f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round and over the run "
-                       "further below the others than they are apart")  # fmt: skip
+                       "further below the others than they are apart (as a ratio)")  # fmt: skip
     if labels is not None and labels.p_value <= alpha and clear_outlier(labels):
         gap, peer_med = float(np.median(labels.own)), np.median(labels.peers, axis=1)
         what = "train loss" if labels.statistic == "train_loss" else "train loss - test loss"
@@ -754,14 +754,27 @@ def exploding_round(stats: ClientStatistics, others: Sequence[ClientStatistics])
 
 def magnitude_rank_test(stats: ClientStatistics, others: Sequence[ClientStatistics]) -> RankTest | None:
     """Rank-sum test (:func:`~fedsim.analysis.agreement.rank_sum_test`, ``low``) of the client's
-    head CME magnitude against the other clients' over their common rounds; ``None`` without
-    peers or common rounds."""
+    head CME magnitude against the other clients' over their common rounds, on a **log scale**
+    (statistic ``log_magnitude``; a magnitude of 0 counts as ``log(1e-12)``); ``None`` without
+    peers or common rounds.
+
+    The ranks and the p-value do not depend on the scale, but the effect-size guard
+    (:func:`~fedsim.analysis.agreement.clear_outlier`: further below the others than they are
+    apart) does: a magnitude is a ratio (``|dw / w|``), so "apart" is measured as a ratio too. On
+    the linear scale, one peer whose magnitude halved in the last round hid a client 3x below both
+    peers in every round (docs/cme-validation.md)."""
     common = [r for r in stats.rounds if all(r in p.rounds for p in others)]
     if not others or not common:
         return None
-    own = np.array([stats.magnitude[list(stats.rounds).index(r)] for r in common])
-    peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others])
-    return rank_sum_test(own, peer, common, "low", "magnitude")
+    own = np.array([stats.magnitude[list(stats.rounds).index(r)] for r in common], dtype=np.float64)
+    peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return rank_sum_test(_log(own), _log(peer), common, "low", "log_magnitude")
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    """``log(max(x, 1e-12))``, NaN kept (a NaN round is left out of the rank test)."""
+    return np.where(np.isnan(x), np.nan, np.log(np.maximum(np.nan_to_num(x, nan=1.0), 1e-12)))
 
 
 def decide_verdicts(

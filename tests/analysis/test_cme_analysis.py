@@ -35,6 +35,7 @@ from fedsim.analysis.cme import (
     decide_verdicts,
     exploding_round,
     head_layers,
+    magnitude_rank_test,
     map_similarity,
     saturation_round,
     similarity_bands,
@@ -343,6 +344,25 @@ def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
     assert v.verdict == WEAK and "contributes nothing" in v.reason
     verdicts = decide_verdicts([weak, *peers])
     assert verdicts[0].verdict == WEAK and verdicts[1].verdict == DOMINANT
+
+
+def test_the_magnitude_guard_compares_ratios():
+    """A client ~3x below both same-model peers in every round is weak although, in the last round,
+    one peer dropped so that on a linear scale the gap (0.017) is smaller than the peers' spread
+    (0.020); as ratios it is 2x below the nearer peer, which is 1.6x below the other."""
+    peers = [
+        make_stats(client=1, magnitude=[0.071, 0.060, 0.066, 0.034]),
+        make_stats(client=2, magnitude=[0.070, 0.059, 0.063, 0.054]),
+    ]
+    weak = make_stats(client=0, magnitude=[0.027, 0.022, 0.019, 0.017], variation=0.5)
+    test = magnitude_rank_test(weak, peers)
+    assert test is not None and test.statistic == "log_magnitude" and test.rank_sum == 12
+    np.testing.assert_allclose(np.exp(test.own), weak.magnitude)
+    v = decide_verdict(weak, peers)
+    # medians on the log scale: sqrt(0.022 x 0.019) = 0.0204; peers sqrt(0.059 x 0.063) = 0.0610, sqrt(0.060 x 0.066) = 0.0629
+    assert v.verdict == WEAK and "head CME magnitude 0.0204 (median)" in v.reason and "(others 0.061-0.0629)" in v.reason
+    # a client only as far below as the peers are apart (ratio 1.4 vs 1.6) is not
+    assert decide_verdict(make_stats(client=0, magnitude=[0.05, 0.042, 0.045, 0.024], variation=0.5), peers).verdict == LEARNING
 
 
 def test_weak_when_its_training_labels_disagree_with_its_model():

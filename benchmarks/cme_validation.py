@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only these fault conditions, e.g. few-data:0.1,label-noise:0.5 (default: the size's); a later run with more "
         "conditions in the same --out reuses the finished federations",
     )
+    p.add_argument(
+        "--held-out-from",
+        type=int,
+        metavar="K",
+        help="also tabulate the verdicts separately for seeds < K (a rule's development) and seeds >= K (its held-out test)",
+    )
     p.add_argument("--styles", help=f"only these scenario styles, comma-separated ({', '.join(cv.STYLES)}; default: both)")
     p.add_argument("--workers", type=int, help="parallel processes (default: CPUs / threads)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
@@ -136,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.dry_run:
         return 0
-    res = cv.run_study(args.out, size, workers=workers, threads=args.threads, keep_cme=not args.no_keep_cme, refresh_cme=args.refresh_cme)
+    res = cv.run_study(
+        args.out,
+        size,
+        workers=workers,
+        threads=args.threads,
+        keep_cme=not args.no_keep_cme,
+        refresh_cme=args.refresh_cme,
+        held_out_from=args.held_out_from,
+    )
     print(f"{len(res.rows)} client rows, {len(res.auroc)} AUROC rows in {res.out}; {res.summary['wall_s'] / 60:.1f} min")
     return 0
 

@@ -541,6 +541,18 @@ def verdict_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def verdict_table_split(rows: Sequence[dict[str, Any]], held_out_from: int) -> list[dict[str, Any]]:
+    """:func:`verdict_table` separately for the seeds below ``held_out_from`` (those a rule was
+    developed on) and the seeds from it on (its held-out test), with a ``seeds`` column."""
+    out: list[dict[str, Any]] = []
+    for name, keep in (("development", lambda s: s < held_out_from), ("held-out", lambda s: s >= held_out_from)):
+        part = [r for r in rows if keep(int(r["seed"]))]
+        if part:
+            seeds = sorted({int(r["seed"]) for r in part})
+            out += [{"seeds": f"{name} {seeds[0]}-{seeds[-1]}"} | row for row in verdict_table(part)]
+    return out
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> Path:
     cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -580,11 +592,15 @@ def run_study(
     keep_cme: bool = True,
     progress: Callable[[str], None] | None = None,
     refresh_cme: bool = False,
+    held_out_from: int | None = None,
 ) -> StudyResult:
     """Plan, run (resuming finished federations in ``out``), tabulate and write the study.
 
     ``refresh_cme`` recomputes the CME statistics of finished federations from their archives
     (after :mod:`fedsim.analysis.cme` changed) instead of reusing the recorded ones.
+
+    ``held_out_from``: also write ``verdicts-split.csv``, the verdict table for the seeds below it
+    and, apart, for the seeds from it on (:func:`verdict_table_split`).
 
     ``workers`` processes run federations in parallel (default: the CPU count divided by
     ``threads``); each ClientApp call uses ``threads`` torch threads (1 is fastest for these small
@@ -615,6 +631,9 @@ def run_study(
     atomic_write_bytes(out / "auroc.md", md.encode())
     verdicts = verdict_table(rows)
     write_csv(out / "verdicts.csv", verdicts)
+    if held_out_from is not None:
+        split = verdict_table_split(rows, held_out_from)
+        write_csv(out / "verdicts-split.csv", split)
     cpu = [r["cpu_s"] for r in records.values()]
     fed_wall = [r["wall_s"] for r in records.values()]
     summary = {

@@ -139,3 +139,20 @@ def test_a_finished_study_is_resumed_not_rerun(tiny_study):
     assert records and [p.stat().st_mtime_ns for p in records] == stamps  # no federation ran again
     key = "cme_acf_variation_head"
     np.testing.assert_array_equal([r.get(key) for r in fresh.rows], [r.get(key) for r in res.rows])
+
+
+def test_verdict_tables_overall_and_split_into_development_and_held_out_seeds():
+    def row(seed, faulty, verdict, kind="few-data", client=0):
+        return {"style": "mixed", "fault_kind": kind, "fault_level": 0.1 if kind != "none" else None, "seed": seed,
+                "client": client, "is_faulty": faulty, "cme_verdict": verdict}  # fmt: skip
+
+    rows = [
+        row(0, True, "weak"), row(0, False, "learning", client=1), row(1, True, "learning"), row(1, False, "weak", client=1),
+        row(10, True, "weak"), row(10, False, "dominant", client=1), row(11, True, "weak"), row(11, False, "dominant", client=1),
+    ]  # fmt: skip
+    every = next(t for t in cv.verdict_table(rows) if t["fault_level"] == "all")
+    assert every["detected"] == 3 / 4 and every["false_alarm"] == 1 / 4 and every["faulty_weak"] == 3
+    split = {t["seeds"]: t for t in cv.verdict_table_split(rows, 10) if t["fault_level"] == "all"}
+    assert set(split) == {"development 0-1", "held-out 10-11"}
+    assert split["development 0-1"]["detected"] == 0.5 and split["development 0-1"]["false_alarm"] == 0.5
+    assert split["held-out 10-11"]["detected"] == 1.0 and split["held-out 10-11"]["false_alarm"] == 0.0

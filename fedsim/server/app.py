@@ -486,6 +486,8 @@ def run_server(
     previous = run_dir.read_metrics() if ckpt is not None else []
     with open_tracking(cfg.tracker, run_dir.path, run_dir.read_config(), uri=cfg.tracking_uri, cme=cfg.cme, previous=previous) as tracking:
         if tracking is not None:
+            if cme_writer is not None:  # the round's CME records enter the index before the tracker reads their norms
+                recorder.listeners.append(lambda _line: cme_writer.flush())
             recorder.listeners.append(tracking)
         result = run_rounds(
             strategy,

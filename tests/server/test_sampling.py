@@ -152,7 +152,7 @@ def test_sampled_run_records_cmes_and_resumes_bit_identically(tmp_path):
     arch = CMEArchive(RunDir(cfg.out).path)
     assert sorted(arch.clients) == sorted({c for r in rows for c in r["sampled"]})
     assert all(arch.rounds(c) == [r["round"] for r in rows if c in r["sampled"]] for c in arch.clients)
-    assert (tmp_path / "full" / "metrics.jsonl").read_bytes() == (tmp_path / "cut" / "metrics.jsonl").read_bytes()
+    assert RunDir(cfg.out).read_results() == RunDir(cut.out).read_results()  # all but the rounds' wall times
     a, b = RunDir(cfg.out).load_params(), RunDir(cut.out).load_params()
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 

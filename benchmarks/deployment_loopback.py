@@ -68,10 +68,19 @@ def guide_blocks(text: str) -> list[Block]:
     return found
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1 not handed out before by this script (two binds to port 0 in a row
+    can return the same port; Ray refuses two components on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def site_images(folder: Path, seed: int, per_class: int = 10) -> None:

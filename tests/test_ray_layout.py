@@ -88,3 +88,8 @@ def test_ray_address_from_run_config_and_gpu_fractions():
     assert RunConfig(client_gpus=2).client_gpus == 2 and RunConfig(client_gpus=0.25).client_gpus == 0.25
     with pytest.raises(ConfigError, match=r"fraction 0 < F <= 1 .* or a whole number of GPUs, got 1\.5"):
         RunConfig(client_gpus=1.5)
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50

@@ -15,10 +15,20 @@ BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[2]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 that this process has not handed out before: two binds to port
+    0 in a row can return the same port, and Ray refuses to start when two of its components are
+    given one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:

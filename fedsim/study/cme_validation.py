@@ -7,8 +7,9 @@ through :class:`~fedsim.server.inprocess.InProcessGrid` (no Ray start-up; ``work
 parallel, each with ``threads`` torch threads):
 
 * styles: ``same-model`` (CME scenario 2 style: every client ``small_cnn``, ``iid``, whole model
-  aggregated and evaluated on the global test set) and ``mixed`` (scenario 1 style: clients cycle
-  ``small_cnn`` / ``alexnet_skip``, ``iid``, only the shared head aggregated; no global model);
+  aggregated and evaluated on the global test set; 3 clients) and ``mixed`` (scenario 1 style:
+  clients alternate ``small_cnn`` / ``alexnet_skip``, ``iid``, only the shared head aggregated; no
+  global model; 6 clients, so each has two same-model peers, and as many images per client);
 * conditions: fault-free, and each fault kind at two levels (:data:`FAULT_LEVELS`), given to one
   client, ``seed % clients`` (so the faulty client's architecture rotates with the seed). A
   condition is a :class:`~fedsim.config.RunConfig` plus a fault spec such as ``"1:few-data:0.1"``
@@ -38,9 +39,11 @@ counted), and from the clients of the
 fault-free runs.
 
 Sizes (:data:`SIZES`): ``tiny`` (tests: 2 seeds, one fault, 3 rounds, 120 images) and ``default``
-(10 seeds, 5 kinds x 2 levels, 8 rounds x 2 local epochs, 1200 images of 32 px: the clients learn
-clearly above chance; 3187 CPU-s of training without leave-one-out runs, about 27 min on 2 idle CPU
-cores; :func:`estimate_cpu_seconds` overestimates it about 2x). Saturation needs >= 10 rounds and its own ground truth (lr -> 0, a data shift):
+(10 seeds, 5 kinds x 2 levels, 8 rounds x 2 local epochs, 1200 images of 32 px per 3 clients: the
+clients learn clearly above chance; with 3 mixed clients it took 3187 CPU-s of training without
+leave-one-out runs; the 6-client mixed federations cost about twice as much as the 3-client ones;
+:func:`estimate_cpu_seconds` overestimates about 2x). ``--seeds``, ``--faults`` and ``--styles``
+of ``benchmarks/cme_validation.py`` run subsets (docs/cme-validation.md). Saturation needs >= 10 rounds and its own ground truth (lr -> 0, a data shift):
 that part of the study is not in this grid.
 
 Outputs in ``out``: ``runs/<name>/`` (normal run directories plus ``study_record.json``),

@@ -41,7 +41,8 @@ fault-free runs.
 Sizes (:data:`SIZES`): ``tiny`` (tests: 2 seeds, one fault, 3 rounds, 120 images) and ``default``
 (10 seeds, 5 kinds x 2 levels, 8 rounds x 2 local epochs, 1200 images of 32 px per 3 clients: the
 clients learn clearly above chance; with 3 mixed clients it took 3187 CPU-s of training without
-leave-one-out runs; the 6-client mixed federations cost about twice as much as the 3-client ones;
+leave-one-out runs; in the 20-seed study a 6-client mixed federation took 40 CPU-s on average, a
+3-client same-model one 10.7 (per-run ``cpu_s``, under varying load);
 :func:`estimate_cpu_seconds` overestimates about 2x). ``--seeds``, ``--faults`` and ``--styles``
 of ``benchmarks/cme_validation.py`` run subsets (docs/cme-validation.md). Saturation needs >= 10 rounds and its own ground truth (lr -> 0, a data shift):
 that part of the study is not in this grid.

@@ -21,6 +21,7 @@ loss (a clean test split) does not. So the verdict also uses the run's ``metrics
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,10 @@ class RankTest:
     p_value: float
     own: np.ndarray
     peers: np.ndarray
+    #: the same statistic of the run's *other* model groups over the same rounds, one
+    #: ``(clients, rounds)`` array per group of >= 2 clients: more pairs of healthy clients for
+    #: the effect-size guard's spread (:func:`clear_outlier`)
+    spread_groups: tuple[np.ndarray, ...] = ()
 
     def band(self, coverage: float = 0.9) -> tuple[float, float]:
         """The null's central ``coverage`` interval of :attr:`rank_sum` (:func:`rank_sum_band`)."""
@@ -114,47 +119,123 @@ def rank_sum_test(
 
 #: Per-round client statistics from ``metrics.jsonl`` that can carry the label-agreement test.
 LABEL_STATISTICS = ("train_loss", "label_gap")
+#: Every per-round client statistic :func:`client_series` reads.
+SERIES_STATISTICS = (*LABEL_STATISTICS, "update_norm")
 
 
 def client_series(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss") -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``{client: (rounds, values)}`` of a per-round statistic from ``metrics.jsonl`` rows: the
-    client's ``train_loss`` (on its own training labels, last local epoch), or ``label_gap`` =
-    ``train_loss - test_loss``. NaN where a loss is missing or non-finite."""
-    if statistic not in LABEL_STATISTICS:
-        raise ValueError(f"unknown label statistic {statistic!r}; valid: {', '.join(LABEL_STATISTICS)}")
+    client's ``train_loss`` (on its own training labels, last local epoch), ``label_gap`` =
+    ``train_loss - test_loss``, or ``update_norm`` (the server-measured L2 norm of its update,
+    :mod:`fedsim.server.updates`). NaN where a value is missing or non-finite."""
+    if statistic not in SERIES_STATISTICS:
+        raise ValueError(f"unknown per-client statistic {statistic!r}; valid: {', '.join(SERIES_STATISTICS)}")
     out: dict[int, tuple[list[int], list[float]]] = {}
     for row in rows:
         for c in row.get("clients", []):
             rounds, values = out.setdefault(int(c["client"]), ([], []))
             rounds.append(int(row["round"]))
-            value = _num(c.get("train_loss"))
+            value = _num(c.get("update_norm" if statistic == "update_norm" else "train_loss"))
             if statistic == "label_gap":
                 value -= _num(c.get("test_loss"))
             values.append(value)
     return {k: (np.array(r), np.array(v)) for k, (r, v) in out.items()}
 
 
+def peer_tests(
+    rows: Sequence[Mapping[str, Any]], statistic: str, direction: str, same_model: bool = True, log: bool = False
+) -> dict[int, RankTest | None]:
+    """:func:`rank_sum_test` of every client's per-round ``statistic`` (:func:`client_series`)
+    against the other clients', over the rounds all of them report (with client sampling, the
+    rounds they were all sampled in). ``same_model``: only clients whose rows name the same
+    ``model`` are compared. ``log``: the values enter as ``log(max(x, 1e-12))``, so the effect-size
+    guard (:func:`clear_outlier`) compares ratios (a zero update stays the lowest, not undefined)."""
+    series = client_series(rows, statistic)
+    if log:
+        series = {
+            k: (r, np.where(np.isnan(v), np.nan, np.log(np.maximum(np.nan_to_num(v, nan=1.0), 1e-12)))) for k, (r, v) in series.items()
+        }
+    models = {int(c["client"]): c.get("model") for row in rows for c in row.get("clients", [])}
+
+    def at(series_k: tuple[np.ndarray, np.ndarray], rounds: Sequence[int]) -> np.ndarray:
+        return np.array([series_k[1][list(series_k[0]).index(r)] for r in rounds])
+
+    out: dict[int, RankTest | None] = {}
+    for k, (rounds, values) in series.items():
+        others = [v for j, v in series.items() if j != k and (not same_model or models.get(j) == models.get(k))]
+        common = [int(r) for r in rounds if all(r in o[0] for o in others)]
+        if not others or not common:
+            out[k] = None
+            continue
+        own = np.array([values[list(rounds).index(r)] for r in common])
+        peer = np.array([at(o, common) for o in others])
+        test = rank_sum_test(own, peer, common, direction, statistic)
+        if test is not None and same_model:
+            test = dataclasses.replace(test, spread_groups=_spread_groups(series, models, models.get(k), test.rounds, at))
+        out[k] = test
+    return out
+
+
+def _spread_groups(
+    series: Mapping[int, Any], models: Mapping[int, Any], own_model: Any, rounds: np.ndarray, at: Any
+) -> tuple[np.ndarray, ...]:
+    """Each other model group's values (>= 2 clients that report every round of ``rounds``, all finite)."""
+    groups = []
+    for m in sorted({str(v) for v in models.values()} - {str(own_model)}):
+        members = [series[j] for j, mj in models.items() if str(mj) == m and j in series and all(r in series[j][0] for r in rounds)]
+        if len(members) >= 2:
+            g = np.array([at(s, [int(r) for r in rounds]) for s in members])
+            if np.all(np.isfinite(g)):
+                groups.append(g)
+    return tuple(groups)
+
+
+def label_tests(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss", same_model: bool = True) -> dict[int, RankTest | None]:
+    """:func:`peer_tests` (``high``) of a label statistic (:data:`LABEL_STATISTICS`). With
+    ``same_model`` (the default) only clients of the same model are compared: architectures fit
+    the same labels to different training losses (in the study's mixed federations AlexNet-skip's
+    train loss sat ~0.15 below small_cnn's)."""
+    if statistic not in LABEL_STATISTICS:
+        raise ValueError(f"unknown label statistic {statistic!r}; valid: {', '.join(LABEL_STATISTICS)}")
+    return peer_tests(rows, statistic, "high", same_model)
+
+
+def update_tests(rows: Sequence[Mapping[str, Any]], same_model: bool = True) -> dict[int, RankTest | None]:
+    """:func:`peer_tests` (``low``, log scale) of the server-measured ``update_norm``: is the
+    client's update the smallest of its same-model peers more often than chance? Rows without
+    ``update_norm`` (runs recorded before it existed, DP runs) give no test (``None``)."""
+    return peer_tests(rows, "update_norm", "low", same_model, log=True)
+
+
+def _beyond(x: float, peers: np.ndarray, spreads: Sequence[float], direction: str) -> bool:
+    hi, lo = float(peers.max()), float(peers.min())
+    spread = max([hi - lo, *spreads])
+    return x - hi > spread if direction == "high" else lo - x > spread
+
+
 def outlier_in_last_round(test: RankTest) -> bool:
     """The effect-size guard of the ``weak`` tests: in the last round the test used, the client is
-    further from the nearest other client than the other clients are from each other (beyond the
-    largest other by more than the others' range; mirrored for ``low``). A rank-sum test alone also
-    fires on small persistent differences between healthy clients (real partitions differ); this
-    condition can only make the test more conservative, so its level stays at most the test's."""
+    further from the nearest other client than healthy clients are from each other: beyond the
+    largest other (smallest for ``low``) by more than the others' range, and more than the range of
+    every other model group of the run (:attr:`RankTest.spread_groups`; in a federation of one
+    model that is the same thing). A rank-sum test alone also fires on small persistent
+    differences between healthy clients (real partitions differ), and with two peers their range
+    is one noisy difference; this condition can only make the test more conservative, so its
+    level stays at most the test's."""
     if test.peers.shape[0] < 2 or len(test.own) == 0:
         return False
-    x, p = float(test.own[-1]), test.peers[:, -1]
-    hi, lo = float(p.max()), float(p.min())
-    return x - hi > hi - lo if test.direction == "high" else lo - x > hi - lo
+    spreads = [float(np.ptp(g[:, -1])) for g in test.spread_groups]
+    return _beyond(float(test.own[-1]), test.peers[:, -1], spreads, test.direction)
 
 
 def outlier_overall(test: RankTest) -> bool:
     """:func:`outlier_in_last_round` for the client's *median over the rounds* against the other
-    clients' medians: the difference must hold over the run, not only at its end."""
+    clients' medians (and the other groups' medians): the difference must hold over the run, not
+    only at its end."""
     if test.peers.shape[0] < 2 or len(test.own) == 0:
         return False
-    x, p = float(np.median(test.own)), np.median(test.peers, axis=1)
-    hi, lo = float(p.max()), float(p.min())
-    return x - hi > hi - lo if test.direction == "high" else lo - x > hi - lo
+    spreads = [float(np.ptp(np.median(g, axis=1))) for g in test.spread_groups]
+    return _beyond(float(np.median(test.own)), np.median(test.peers, axis=1), spreads, test.direction)
 
 
 def clear_outlier(test: RankTest) -> bool:
@@ -164,27 +245,6 @@ def clear_outlier(test: RankTest) -> bool:
     round is not a persistent difference. Like each of its parts it can only make a test more
     conservative."""
     return outlier_in_last_round(test) and outlier_overall(test)
-
-
-def label_tests(rows: Sequence[Mapping[str, Any]], statistic: str = "train_loss", same_model: bool = True) -> dict[int, RankTest | None]:
-    """:func:`rank_sum_test` (``high``) of every client's per-round ``statistic``
-    (:func:`client_series`) against the other clients', over the rounds all of them report.
-    With ``same_model`` (the default) only clients whose rows name the same ``model`` are
-    compared: architectures fit the same labels to different training losses (in the study's
-    mixed federations AlexNet-skip's train loss sat ~0.15 below small_cnn's)."""
-    series = client_series(rows, statistic)
-    models = {int(c["client"]): c.get("model") for row in rows for c in row.get("clients", [])}
-    out: dict[int, RankTest | None] = {}
-    for k, (rounds, values) in series.items():
-        others = [v for j, v in series.items() if j != k and (not same_model or models.get(j) == models.get(k))]
-        common = [int(r) for r in rounds if all(r in o[0] for o in others)]
-        if not others or not common:
-            out[k] = None
-            continue
-        own = np.array([values[list(rounds).index(r)] for r in common])
-        peer = np.array([[o[1][list(o[0]).index(r)] for r in common] for o in others])
-        out[k] = rank_sum_test(own, peer, common, "high", statistic)
-    return out
 
 
 def _num(v: object) -> float:
@@ -197,13 +257,16 @@ def _num(v: object) -> float:
 
 __all__ = [
     "LABEL_STATISTICS",
+    "SERIES_STATISTICS",
     "RankTest",
     "clear_outlier",
     "client_series",
     "label_tests",
     "outlier_in_last_round",
     "outlier_overall",
+    "peer_tests",
     "rank_sum_band",
     "rank_sum_pvalue",
     "rank_sum_test",
+    "update_tests",
 ]

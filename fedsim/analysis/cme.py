@@ -26,6 +26,7 @@ a verdict uses with a **null reference computed on the same run**:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.analysis.agreement import RankTest, clear_outlier, label_tests, rank_sum_test
+from fedsim.analysis.agreement import RankTest, clear_outlier, label_tests, rank_sum_test, update_tests
 from fedsim.cme.archive import CMEArchive, RoundCME
 from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS
 
@@ -601,15 +602,18 @@ def decide_verdict(
     min_rounds: int = MIN_ROUNDS,
     min_epochs: int = MIN_EPOCHS,
     labels: RankTest | None = None,
+    updates: RankTest | None = None,
+    update_norms: Mapping[int, Mapping[int, float]] | None = None,
 ) -> Verdict:
     """The decision rule of ``fedsim analyze``: one verdict per client, checked in this order.
 
     1. ``diverged``: a weight or CME of any layer is non-finite in some round, or the head is
        *exploding*: in some epoch more than :data:`EXPLODING_JUMP_FRACTION` of its valid weights
        moved by more than their own size (median ``|C|`` > 1), or, with peers of the same model,
-       in some round both its head CME magnitude and its jump fraction exceed every such peer's
-       by more than the gap between those peers themselves (:func:`exploding_round`; the null is
-       the run's own spread between clients, measured on the clients that are not under test).
+       in some round its head CME magnitude, its jump fraction and (when recorded,
+       ``update_norms``) its update norm all exceed every such peer's by more than clients of
+       one model are apart (:func:`exploding_round`; the null is the run's own spread between
+       clients, measured on the clients that are not under test, in every model group).
     2. ``undetermined``: fewer than ``min_rounds`` rounds with ``>= min_epochs`` local epochs (the
        ACF needs two epochs per round, its change two rounds), or fewer than
        :data:`MIN_SAME_MODEL_PEERS` other clients with the same model (a contribution can only be
@@ -617,18 +621,22 @@ def decide_verdict(
        architectures called healthy AlexNet-skip clients ``diverged`` in 6 of 10 fault-free mixed
        runs and missed every few-data client), or no noise band could be computed.
     3. ``weak``: no head weight changed in any round (all head units dead: the client contributes
-       nothing); or its head CME magnitude ranks lowest among its same-model peers more often than
-       chance allows (:func:`magnitude_rank_test`); or, given ``labels`` (the
+       nothing); or its contribution is the smallest among its same-model peers more often than
+       chance allows: given ``updates`` (the :func:`~fedsim.analysis.agreement.update_tests` result
+       on the server's ``update_norm``), its update norm, else its head CME magnitude
+       (:func:`magnitude_rank_test`); or, given ``labels`` (the
        :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``, also among
        same-model clients), its training labels disagree with its own model more than the other
        clients' do. Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an
        effect-size guard that only makes them more conservative, the client must be an outlier both
-       in the last round and in its median over the rounds
+       in the last round and in its median over the rounds, further from its peers than healthy
+       clients of any one model group of the run are apart
        (:func:`~fedsim.analysis.agreement.clear_outlier`) -- the sec. 3.2
        reading "minimal contribution", extended to wrong labels (docs/cme-validation.md: no CME
-       statistic detects those).
+       statistic detects those; in 6-client mixed federations the update norm found every
+       few-data AlexNet-skip client, the CME magnitude 1 in 10).
     4. ``learning``: the head ACF variation is above the upper edge of its noise band (the ACF
        changes between rounds more than sampling noise explains: the paper's "varying ACF").
     5. ``dominant``: otherwise -- a stable head ACF with a normal-size contribution (the paper's
@@ -651,7 +659,8 @@ def decide_verdict(
 
     others = [p for p in peers if p.client != s.client]
     same_model = [p for p in others if p.model == s.model]
-    hit = exploding_round(s, same_model)
+    groups = [[p for p in others if p.model == m] for m in sorted({p.model for p in others} - {s.model})]
+    hit = exploding_round(s, same_model, groups, update_norms)
     if hit is not None:
         r, excess, gap = hit
         return Verdict(DIVERGED, "magnitude_excess", excess, (-gap, gap),
@@ -679,14 +688,15 @@ def decide_verdict(
                        f"needs >= {MIN_SAME_MODEL_PEERS} other clients with the same model ({s.model}) to judge its contribution, "
                        f"has {len(same_model)} (architectures differ systematically in head magnitude and training loss){acf}")  # fmt: skip
     alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
-    test = magnitude_rank_test(s, same_model)
+    test = updates if updates is not None else magnitude_rank_test(s, same_model, groups)
     if test is not None and test.p_value <= alpha and clear_outlier(test):
         own, peer_med = float(np.exp(np.median(test.own))), np.exp(np.median(test.peers, axis=1))
-        return Verdict(WEAK, "magnitude_rank_sum", test.rank_sum, test.band(coverage),
-                       f"head CME magnitude {_fmt(own)} (median) lowest of {test.clients} clients in {test.top_rounds} of "
+        what, stat = ("update norm", "update_norm_rank_sum") if test is updates else ("head CME magnitude", "magnitude_rank_sum")
+        return Verdict(WEAK, stat, test.rank_sum, test.band(coverage),
+                       f"{what} {_fmt(own)} (median) lowest of {test.clients} {s.model} clients in {test.top_rounds} of "
                        f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
                        f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round and over the run "
-                       "further below the others than they are apart (as a ratio)")  # fmt: skip
+                       "further below the others than healthy clients are apart (as a ratio)")  # fmt: skip
     if labels is not None and labels.p_value <= alpha and clear_outlier(labels):
         gap, peer_med = float(np.median(labels.own)), np.median(labels.peers, axis=1)
         what = "train loss" if labels.statistic == "train_loss" else "train loss - test loss"
@@ -694,7 +704,7 @@ def decide_verdict(
                        f"its training labels disagree with its model: {what} {_fmt(gap)} (median) highest of "
                        f"{labels.clients} clients in {labels.top_rounds} of {len(labels.ranks)} rounds (others "
                        f"{_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); rank-sum p = {labels.p_value:.2g} "
-                       f"<= {alpha:.3g} if clients were alike; in the last round and over the run further above the others than they are apart")  # fmt: skip
+                       f"<= {alpha:.3g} if clients were alike; in the last round and over the run further above the others than healthy clients are apart")  # fmt: skip
 
     if not (np.isfinite(v) and np.isfinite(vband[1])):
         return Verdict(UNDETERMINED, "acf_variation_head", v if np.isfinite(v) else None, None,
@@ -706,53 +716,75 @@ def decide_verdict(
                    f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning")  # fmt: skip
 
 
-def exploding_round(stats: ClientStatistics, others: Sequence[ClientStatistics]) -> tuple[int, float, float] | None:
-    """The first round in which the client's head *explodes* relative to the other clients, as
-    ``(round, log excess, null gap)``, or ``None``.
+def exploding_round(
+    stats: ClientStatistics,
+    others: Sequence[ClientStatistics],
+    groups: Sequence[Sequence[ClientStatistics]] = (),
+    update_norms: Mapping[int, Mapping[int, float]] | None = None,
+) -> tuple[int, float, float] | None:
+    """The first round in which the client's head *explodes* relative to the other clients of its
+    model (``others``), as ``(round, log excess, null gap)``, or ``None``.
 
-    For two per-round head statistics, the CME magnitude and the jump fraction (both on a log
-    scale), the client's *excess* in round ``r`` is its value minus the largest other client's; the
-    *null gap* is the largest difference between two other clients in any common round, i.e. how
-    far apart clients of this run are when the one under test is left out. The round counts when
-    both excesses exceed their gaps. Needs at least two other clients (one gap); rounds with a
-    non-finite or zero statistic are left out. The study behind this rule is docs/cme-validation.md.
+    For each per-round statistic on a log scale -- the head CME magnitude, the jump fraction and,
+    when ``update_norms`` (``{client: {round: norm}}``, the server's ``update_norm`` from
+    ``metrics.jsonl``) covers every client involved, the update norm -- the client's *excess* in
+    round ``r`` is its value minus the largest other's; the *null gap* of round ``r`` is the
+    largest difference up to that round between two other clients of the same model: pairs within
+    ``others`` and within each of ``groups`` (the run's other model groups), i.e. how far apart
+    clients of this run are when the one under test is left out. The round counts when every
+    excess exceeds its gap. Needs at least one pair; rounds with a non-finite or zero statistic are
+    left out. The gap grows with the rounds seen so far, not the whole run: a client that explodes
+    in round 1 disturbs the aggregate and so its peers' later rounds (in the study their magnitudes
+    then differed 20x), which must not hide the explosion. In the validation study a label-noise client's head moved 1.2-1.4x more than both
+    of its peers in one round and passed the two CME statistics; its update norm did not
+    (docs/cme-validation.md), while a diverging client's update was ~1e4x its peers'.
     """
-    if len(others) < 2:
+    pools = [list(g) for g in (others, *groups) if len(g) >= 2]
+    if not pools:
         return None
-    common = [r for r in stats.rounds if all(r in p.rounds for p in others)]
+    everyone = [stats, *others, *(p for g in groups for p in g)]
+    common = [r for r in stats.rounds if all(r in p.rounds for p in everyone)]
     if not common:
         return None
+    names = ["magnitude", "jump_fraction"]
+    if update_norms is not None and all(p.client in update_norms and all(r in update_norms[p.client] for r in common) for p in everyone):
+        names.append("update_norm")
 
     def logs(st: ClientStatistics, name: str) -> np.ndarray:
-        idx = [list(st.rounds).index(r) for r in common]
-        v = np.asarray(getattr(st, name), dtype=np.float64)[idx]
+        if name == "update_norm":
+            v = np.array([update_norms[st.client][r] for r in common], dtype=np.float64)  # type: ignore[index]
+        else:
+            v = np.asarray(getattr(st, name), dtype=np.float64)[[list(st.rounds).index(r) for r in common]]
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan)
 
     fires = np.ones(len(common), dtype=bool)
     excess_mag = np.full(len(common), np.nan)
-    gap_mag = np.nan
-    for name in ("magnitude", "jump_fraction"):
+    gap_mag = np.full(len(common), np.nan)
+    for name in names:
         own = logs(stats, name)
-        peer = np.stack([logs(p, name) for p in others])  # (others, rounds)
+        peer = np.stack([logs(p, name) for p in others]) if others else np.full((1, len(common)), np.nan)
         with np.errstate(invalid="ignore"):
             excess = own - np.max(peer, axis=0)
-            gaps = np.concatenate([np.abs(peer[a] - peer[b]) for a in range(len(peer)) for b in range(a + 1, len(peer))])
-        gaps = gaps[np.isfinite(gaps)]
-        if gaps.size == 0:
-            return None
-        gap = float(gaps.max())
-        fires &= np.nan_to_num(excess, nan=-np.inf) > gap
+            pairs = []
+            for pool in pools:
+                vals = np.stack([logs(p, name) for p in pool])
+                pairs += [np.abs(vals[a] - vals[b]) for a in range(len(vals)) for b in range(a + 1, len(vals))]
+            gaps = np.stack(pairs)  # (pairs, rounds)
+        gap = np.maximum.accumulate(np.max(np.where(np.isfinite(gaps), gaps, -np.inf), axis=0))  # rounds 1..r; -inf: none yet
+        fires &= np.isfinite(gap) & (np.nan_to_num(excess, nan=-np.inf) > gap)
         if name == "magnitude":
             excess_mag, gap_mag = excess, gap
     hit = np.flatnonzero(fires)
     if hit.size == 0:
         return None
     j = int(hit[0])
-    return int(common[j]), float(excess_mag[j]), gap_mag
+    return int(common[j]), float(excess_mag[j]), float(gap_mag[j])
 
 
-def magnitude_rank_test(stats: ClientStatistics, others: Sequence[ClientStatistics]) -> RankTest | None:
+def magnitude_rank_test(
+    stats: ClientStatistics, others: Sequence[ClientStatistics], groups: Sequence[Sequence[ClientStatistics]] = ()
+) -> RankTest | None:
     """Rank-sum test (:func:`~fedsim.analysis.agreement.rank_sum_test`, ``low``) of the client's
     head CME magnitude against the other clients' over their common rounds, on a **log scale**
     (statistic ``log_magnitude``; a magnitude of 0 counts as ``log(1e-12)``); ``None`` without
@@ -762,14 +794,24 @@ def magnitude_rank_test(stats: ClientStatistics, others: Sequence[ClientStatisti
     (:func:`~fedsim.analysis.agreement.clear_outlier`: further below the others than they are
     apart) does: a magnitude is a ratio (``|dw / w|``), so "apart" is measured as a ratio too. On
     the linear scale, one peer whose magnitude halved in the last round hid a client 3x below both
-    peers in every round (docs/cme-validation.md)."""
+    peers in every round (docs/cme-validation.md). ``groups``: the run's other model groups, whose
+    spread the guard uses too (:attr:`~fedsim.analysis.agreement.RankTest.spread_groups`)."""
     common = [r for r in stats.rounds if all(r in p.rounds for p in others)]
     if not others or not common:
         return None
     own = np.array([stats.magnitude[list(stats.rounds).index(r)] for r in common], dtype=np.float64)
     peer = np.array([[p.magnitude[list(p.rounds).index(r)] for r in common] for p in others], dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return rank_sum_test(_log(own), _log(peer), common, "low", "log_magnitude")
+        test = rank_sum_test(_log(own), _log(peer), common, "low", "log_magnitude")
+    if test is None:
+        return None
+    spread = []
+    for g in groups:
+        if len(g) >= 2 and all(r in p.rounds for p in g for r in test.rounds):
+            vals = _log(np.array([[p.magnitude[list(p.rounds).index(r)] for r in test.rounds] for p in g], dtype=np.float64))
+            if np.all(np.isfinite(vals)):
+                spread.append(vals)
+    return dataclasses.replace(test, spread_groups=tuple(spread))
 
 
 def _log(x: np.ndarray) -> np.ndarray:
@@ -784,6 +826,21 @@ def decide_verdicts(
     label_statistic: str = LABEL_STATISTIC,
 ) -> dict[int, Verdict]:
     """:func:`decide_verdict` for every client of a run, each against the others; with the run's
-    ``metrics.jsonl`` rows, the label-agreement test is used too."""
-    labels = label_tests(metrics_rows, label_statistic) if metrics_rows else {}
-    return {s.client: decide_verdict(s, all_stats, coverage, labels=labels.get(s.client)) for s in all_stats}
+    ``metrics.jsonl`` rows, the label-agreement test is used too, and when the rows carry the
+    server's ``update_norm`` (runs since fedsim records it; not under DP), the update-norm test
+    replaces the CME magnitude test and the update norm corroborates an exploding head."""
+    rows = list(metrics_rows or [])
+    labels = label_tests(rows, label_statistic) if rows else {}
+    norms: dict[int, dict[int, float]] = {}
+    for row in rows:
+        for c in row.get("clients", []):
+            if "update_norm" in c:
+                v = c["update_norm"]
+                norms.setdefault(int(c["client"]), {})[int(row["round"])] = np.inf if v is None else float(v)
+    updates = update_tests(rows) if norms else {}
+    return {
+        s.client: decide_verdict(
+            s, all_stats, coverage, labels=labels.get(s.client), updates=updates.get(s.client), update_norms=norms or None
+        )
+        for s in all_stats
+    }

@@ -55,6 +55,7 @@ from fedsim.server.checkpoint import (
 from fedsim.server.loop import run_rounds
 from fedsim.server.recorder import PlacementLog, RoundRecorder, scalar
 from fedsim.server.sampling import SampleLog, seeded_sampling
+from fedsim.server.updates import UpdateNormLog
 from fedsim.strategies import StrategyHooks, build_strategy, kept_local, privacy_spent
 from fedsim.tracking import open_tracking
 
@@ -475,6 +476,8 @@ def run_server(
     exchange = ClientStateExchange(functools.partial(wants_client_state, cfg), ordered.partition_of, ckpt.clients if ckpt else None)
     ordered.hooks.append(exchange)
     ordered.hooks.append(SampleLog(ordered.partition_of, recorder.note_sampled))
+    if privacy_spent(strategy) is None:  # under DP a client's exact update norm is not covered by the accounting
+        ordered.hooks.append(UpdateNormLog(ordered.partition_of, recorder.note_update_norms))
     logger.info("%s", describe_run(cfg))
     checkpointer = Checkpointer(run_dir, cfg, strategy, exchange.states)
     if ckpt is not None:

@@ -89,6 +89,7 @@ class RoundRecorder:
         self._eval: dict[int, dict[str, Any]] = {}
         self._failed: list[dict[str, Any]] = []
         self._sampled: list[int] | None = None
+        self._update_norms: dict[int, float] = {}
         self._warned_small_test = False
         self._last = time.monotonic()
         self._durations: list[float] = []
@@ -98,6 +99,11 @@ class RoundRecorder:
         """The clients sampled for this round's training (:class:`~fedsim.server.sampling.SampleLog`);
         recorded as ``sampled`` when ``record_sampled`` (client sampling is on)."""
         self._sampled = list(partitions)
+
+    def note_update_norms(self, norms: Mapping[int, float]) -> None:
+        """Each client's update norm this round (:class:`~fedsim.server.updates.UpdateNormLog`);
+        recorded as the client's ``update_norm`` (``null`` when not finite)."""
+        self._update_norms.update(norms)
 
     def note_failures(self, failures: Sequence[Any]) -> None:
         """Clients the round went on without (``ClientFailure``: ``to_json()``); recorded in the
@@ -144,6 +150,8 @@ class RoundRecorder:
             row["num_test_examples"] = int(ev.get("num-examples", 0))
             for src in (tr, ev):
                 row.update({name: float(v) for k, v in src.items() if (name := _field(k))})
+            if pid in self._update_norms and tr:
+                row["update_norm"] = self._update_norms[pid]
             if EPOCHS_RECORD_KEY in tr:
                 row["epochs"] = tr[EPOCHS_RECORD_KEY]
             clients.append(row)
@@ -175,6 +183,7 @@ class RoundRecorder:
         self._eval.clear()
         self._failed.clear()
         self._sampled = None
+        self._update_norms.clear()
         return _record(glob) if glob else None
 
     def log_round(self, server_round: int, arrays: ArrayRecord) -> None:

@@ -38,11 +38,14 @@ HEAD_PREFIX = "head."
 _NOT_STATISTICS = {"rounds", "head_layers", "epochs"}
 
 
-def cme_candidates(run_dir: str | Path, null_samples: int | None = None) -> dict[int, dict[str, Any]]:
+def cme_candidates(
+    run_dir: str | Path, null_samples: int | None = None, rows: list[dict[str, Any]] | None = None
+) -> dict[int, dict[str, Any]]:
     """``{client: {"cme_<statistic>": value, ...}}`` for every client in the run's CME archive
     (``{}`` if the run recorded none). ``null_samples`` is passed to ``client_statistics`` as
     ``samples`` (draws behind its null bands) when given and accepted; ``None``: the analysis'
-    default, as in ``fedsim analyze``."""
+    default, as in ``fedsim analyze``. ``rows``: the ``metrics.jsonl`` rows the verdicts read
+    (default: the run's own file)."""
     from fedsim.analysis import cme as analysis_cme
     from fedsim.cme import CMEArchive, CMEArchiveError
 
@@ -53,7 +56,7 @@ def cme_candidates(run_dir: str | Path, null_samples: int | None = None) -> dict
     if hasattr(analysis_cme, "client_statistics"):
         from fedsim.rundir import RunDir
 
-        values = _from_analysis(arch, analysis_cme, null_samples, RunDir(run_dir).read_metrics())
+        values = _from_analysis(arch, analysis_cme, null_samples, RunDir(run_dir).read_metrics() if rows is None else rows)
     else:
         values = {c: _fallbacks(arch, c) for c in arch.clients}
     return {c: {f"cme_{k}": v for k, v in vals.items()} for c, vals in values.items()}

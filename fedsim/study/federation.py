@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -122,7 +123,8 @@ def run_federation(
     if (out / RECORD_FILE).exists():
         done: dict[str, Any] = json.loads((out / RECORD_FILE).read_text(encoding="utf-8"))
         if refresh_cme and job.cme and (out / "cme").is_dir():
-            done["cme"] = {str(k): v for k, v in cme_candidates(out, job.null_samples).items()}
+            rows = with_update_norms(done["metrics"], done.get("updates", {}))
+            done["cme"] = {str(k): v for k, v in cme_candidates(out, job.null_samples, rows).items()}
             atomic_write_bytes(out / RECORD_FILE, (json.dumps(finite_json(done), sort_keys=True) + "\n").encode())
             done = json.loads(json.dumps(finite_json(done)))
         return done
@@ -157,6 +159,25 @@ def run_federation(
     return json.loads(json.dumps(finite_json(record)))
 
 
+def with_update_norms(rows: list[dict[str, Any]], updates: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` rows with each client's ``update_norm`` filled in from the probe's norms
+    where the row has none (runs recorded before the server wrote it; the probe measures the same
+    ``||w_returned - w_sent||``, :mod:`fedsim.server.updates`). The rows are copied, not changed."""
+    norms = {
+        (int(pid), int(r)): (math.inf if n is None else float(n))
+        for pid, u in updates.items()
+        for r, n in zip(u["rounds"], u["norm"], strict=True)
+    }
+    out = []
+    for row in rows:
+        clients = []
+        for c in row.get("clients", []):
+            key = (int(c["client"]), int(row["round"]))
+            clients.append(dict(c, update_norm=norms[key]) if "update_norm" not in c and key in norms else dict(c))
+        out.append(dict(row, clients=clients))
+    return out
+
+
 def client_updates(record: dict[str, Any], client: int) -> dict[str, float]:
     """Baseline update scores of one client from a record: ``update_norm_{mean,first,last}``,
     ``update_cos_{mean,last}`` (to the mean update), ``update_cos_others_mean``,
@@ -179,4 +200,4 @@ def client_updates(record: dict[str, Any], client: int) -> dict[str, float]:
     }
 
 
-__all__ = ["RECORD_FILE", "FederationJob", "UpdateProbe", "client_updates", "quiet_logs", "run_federation"]
+__all__ = ["RECORD_FILE", "FederationJob", "UpdateProbe", "client_updates", "quiet_logs", "run_federation", "with_update_norms"]

@@ -59,6 +59,7 @@ def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
         _reply(1, **{"num-examples": 30, "train-loss": 2.0, "train-accuracy": 0.25}).content,
         _reply(0, **{"num-examples": 10, "train-loss": 1.0, "train-accuracy": 0.75}).content,
     ]
+    rec.note_update_norms({0: 0.5, 1: float("inf")})  # the UpdateNormLog hook runs before aggregation
     agg = rec.train_metrics(train, "num-examples")
     assert agg["train-loss"] == pytest.approx(1.75) and "partition-id" not in agg  # (10*1 + 30*2) / 40
     rec.evaluate_metrics(
@@ -82,6 +83,7 @@ def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
             "train_accuracy": 0.75,
             "test_loss": 0.1,
             "test_accuracy": 0.8,
+            "update_norm": 0.5,
         },
         {
             "client": 1,
@@ -92,11 +94,16 @@ def test_recorder_writes_one_line_per_round_with_per_client_metrics(tmp_path):
             "train_accuracy": 0.25,
             "test_loss": 0.2,
             "test_accuracy": 0.6,
+            "update_norm": None,  # not finite: written as null
         },
     ]
     # round 0 (Flower's initial evaluation) writes no line
     rec.on_round_end(0, ArrayRecord())
     assert len(rd.read_metrics()) == 1
+    # the norms are per round: the next round's line has none unless the hook reports them
+    rec.train_metrics(train, "num-examples")
+    rec.on_round_end(2, ArrayRecord({"x": Array(np.zeros(1))}))
+    assert all("update_norm" not in c for c in rd.read_metrics()[-1]["clients"])
 
 
 def test_ordered_grid_hands_cme_records_to_the_archive_and_leaves_replies_alone(tmp_path, rng):

@@ -516,10 +516,12 @@ def auroc_markdown(table: Sequence[dict[str, Any]], level: Any = "all", column: 
 def verdict_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Detection and false-alarm rates of ``fedsim analyze``'s verdicts (column ``cme_verdict``),
     per style x fault kind x level (and ``"all"``; kind ``"none"`` = the fault-free runs):
-    ``detected`` = share of faulty clients flagged ``weak`` or ``diverged`` (for ``diverge``:
-    ``diverged``), ``false_alarm`` = share of the healthy clients of the same runs flagged ``weak``
-    or ``diverged``, ``diverged_as_healthy`` = faulty ``diverge`` clients called ``dominant`` or
-    ``learning``; plus the count of every verdict. Empty if the rows have no verdicts."""
+    ``detected`` = share of faulty clients given the verdict the issue's bar asks for (``weak``;
+    for ``diverge``: ``diverged``), ``flagged`` = share flagged ``weak`` or ``diverged`` (a
+    label-noise client called ``diverged`` is flagged but not detected), ``false_alarm`` = share of
+    the healthy clients of the same runs flagged ``weak`` or ``diverged``, ``diverged_as_healthy``
+    = faulty ``diverge`` clients called ``dominant`` or ``learning``; plus the count of every
+    verdict. Empty if the rows have no verdicts."""
     rows = [r for r in rows if r.get("cme_verdict")]
     out: list[dict[str, Any]] = []
     for style in sorted({r["style"] for r in rows}):
@@ -530,11 +532,12 @@ def verdict_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 sel = runs if level == "all" else [r for r in runs if r["fault_level"] == level]
                 faulty = [r["cme_verdict"] for r in sel if r["is_faulty"]]
                 healthy = [r["cme_verdict"] for r in sel if not r["is_faulty"]]
-                hit = ("diverged",) if kind == "diverge" else FLAGGED
+                hit = ("diverged",) if kind == "diverge" else ("weak",)
                 row: dict[str, Any] = {
                     "style": style, "fault_kind": kind, "fault_level": level if kind != "none" else None,
                     "n_faulty": len(faulty), "n_healthy": len(healthy),
                     "detected": sum(v in hit for v in faulty) / len(faulty) if faulty else float("nan"),
+                    "flagged": sum(v in FLAGGED for v in faulty) / len(faulty) if faulty else float("nan"),
                     "false_alarm": sum(v in FLAGGED for v in healthy) / len(healthy) if healthy else float("nan"),
                     "diverged_as_healthy": sum(v in ("dominant", "learning") for v in faulty) if kind == "diverge" else None,
                 }  # fmt: skip

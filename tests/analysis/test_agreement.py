@@ -3,6 +3,7 @@ and hand-made metrics rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -17,6 +18,7 @@ from fedsim.analysis.agreement import (
     rank_sum_band,
     rank_sum_pvalue,
     rank_sum_test,
+    update_tests,
 )
 
 
@@ -112,3 +114,35 @@ def test_clear_outlier_needs_the_last_round_and_the_median_by_hand():
     # "low" mirrors it
     low = rank_sum_test([0.01, 0.02, 0.01], [[0.05, 0.05, 0.05], [0.06, 0.06, 0.06]], direction="low")
     assert low is not None and clear_outlier(low)
+
+
+def test_another_model_groups_spread_makes_the_guard_more_conservative():
+    # 0.8 vs peers 1.0 / 1.05: 0.2 below, peers 0.05 apart -> an outlier among its own model
+    t = rank_sum_test([0.8, 0.8, 0.8], [[1.0, 1.0, 1.0], [1.05, 1.05, 1.05]], direction="low")
+    assert t is not None and clear_outlier(t)
+    # another model's clients are 0.3 apart: healthy clients can differ that much
+    wide = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.3, 2.3, 2.3], [2.1, 2.1, 2.1]]),))
+    assert not outlier_in_last_round(wide) and not outlier_overall(wide) and not clear_outlier(wide)
+    narrow = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.1, 2.1, 2.1]]),))
+    assert clear_outlier(narrow)
+
+
+def test_update_tests_on_the_log_scale_with_the_other_models_spread():
+    norms = {0: [0.3, 0.3, 0.3], 1: [0.1, 0.1, 0.1], 2: [0.32, 0.3, 0.31], 3: [1.0, 1.0, 1.0], 4: [2.0, 1.0, 1.5], 5: [0.0, 0.0, 0.0]}
+    models = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
+    rows = [{"round": r + 1, "clients": [{"client": k, "model": models[k], "update_norm": norms[k][r]} for k in norms]} for r in range(3)]
+    tests = update_tests(rows)
+    t1 = tests[1]
+    assert t1 is not None and t1.direction == "low" and t1.statistic == "update_norm" and t1.rank_sum == 9
+    np.testing.assert_allclose(t1.own, np.log([0.1, 0.1, 0.1]))
+    # the spread of model "b" (two clients) on the same rounds and log scale; "c" has one client: no spread
+    (b,) = t1.spread_groups
+    np.testing.assert_allclose(b, np.log([[1.0, 1.0, 1.0], [2.0, 1.0, 1.5]]))
+    # log(0.3 / 0.1) = 1.10 below the nearer peer; model b's last-round spread log 1.5 = 0.41, medians log 1.5 too
+    assert clear_outlier(t1)
+    assert tests[5] is None  # no other client of model "c"
+    # a zero update (a client that returned what it got) is the lowest, not undefined
+    zero = update_tests([{"round": 1, "clients": [{"client": k, "model": "a", "update_norm": v} for k, v in enumerate([0.0, 0.2, 0.3])]}])[
+        0
+    ]
+    assert zero is not None and zero.rank_sum == 3 and zero.own[0] == pytest.approx(np.log(1e-12))

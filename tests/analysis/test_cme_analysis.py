@@ -328,7 +328,7 @@ def test_weak_when_the_magnitude_ranks_lowest_more_often_than_chance():
     v = decide_verdict(weak, peers)
     # lowest of 3 clients in all 4 rounds: rank sum 12, p = (1/3)^4 = 0.012 <= 0.05 / 2
     assert v.verdict == WEAK and v.statistic == "magnitude_rank_sum" and v.value == 12
-    assert "lowest of 3 clients in 4 of 4 rounds" in v.reason and "p = 0.012" in v.reason
+    assert "lowest of 3 m clients in 4 of 4 rounds" in v.reason and "p = 0.012" in v.reason
     assert v.band == rank_sum_band(3, 4, 0.9)
     # lowest in 3 rounds, second in one: rank sum 11, p = 5/81 + 1/81 = 0.074 > 0.025: the ACF rule decides
     almost = make_stats(client=0, magnitude=[0.01, 0.02, 0.045, 0.02], variation=0.5)
@@ -409,3 +409,61 @@ def test_exploding_relative_to_the_others_gap_is_diverged():
     assert exploding_round(make_stats(client=0, magnitude=[0.055, 0.055, 0.055, 0.055], jump=0.1), peers) is None
     # one other client gives no gap: no test
     assert exploding_round(boom, peers[:1]) is None
+
+
+def test_the_exploding_gap_counts_only_the_rounds_so_far():
+    """A client that explodes in round 1 disturbs the aggregate, after which its peers may differ
+    a lot from each other; that later spread must not hide round 1."""
+    peers = [
+        make_stats(client=1, magnitude=[0.05, 0.05, 0.0005, 0.0005], jump=0.01),
+        make_stats(client=2, magnitude=[0.05, 0.05, 0.05, 0.05], jump=0.01),  # log gap 4.6 from round 3 on
+    ]
+    boom = make_stats(client=0, magnitude=[0.5, 0.05, 0.05, 0.05], jump=[0.3, 0.01, 0.01, 0.01])
+    hit = exploding_round(boom, peers)
+    # round 1: log(0.5 / 0.05) = 2.30 above the larger peer, the peers 0 apart so far (jump: log 30 > 0)
+    assert hit is not None and hit[0] == 1 and hit[1] == pytest.approx(np.log(10)) and hit[2] == 0.0
+    # the same excess in round 3 is within the gap seen by then
+    late = make_stats(client=0, magnitude=[0.05, 0.05, 0.5, 0.05], jump=[0.01, 0.01, 0.3, 0.01])
+    assert exploding_round(late, peers) is None
+
+
+def test_another_model_groups_spread_widens_the_exploding_gap():
+    peers = [make_stats(client=1, magnitude=0.05, jump=0.01), make_stats(client=2, magnitude=0.045, jump=0.01)]
+    boom = make_stats(client=0, magnitude=[0.05, 0.2, 0.05, 0.05], jump=[0.01, 0.05, 0.01, 0.01])
+    assert exploding_round(boom, peers) is not None  # log 4 = 1.39 > log(0.05 / 0.045) = 0.105
+    # two clients of another model, 8x apart in magnitude and jump fraction: healthy clients can be that far apart
+    other = [dataclasses.replace(make_stats(client=3, magnitude=0.01, jump=0.01), model="o"),
+             dataclasses.replace(make_stats(client=4, magnitude=0.08, jump=0.08), model="o")]  # fmt: skip
+    assert exploding_round(boom, peers, [other]) is None
+    assert decide_verdict(boom, [*peers, *other]).verdict != DIVERGED
+
+
+def test_the_update_norm_must_corroborate_an_exploding_head():
+    peers = [make_stats(client=1, magnitude=0.05, jump=0.01), make_stats(client=2, magnitude=0.045, jump=0.012)]
+    boom = make_stats(client=0, magnitude=[0.05, 0.5, 0.05, 0.05], jump=[0.01, 0.3, 0.01, 0.01])
+    calm = {0: {1: 1.0, 2: 1.1, 3: 1.0, 4: 1.0}, 1: dict.fromkeys(range(1, 5), 1.0), 2: dict.fromkeys(range(1, 5), 0.9)}
+    # the head's CME moved 10x, but its update (1.1) exceeds the larger peer's (1.0) by log 1.1 = 0.095 < log(1 / 0.9) = 0.105
+    assert exploding_round(boom, peers, update_norms=calm) is None
+    assert decide_verdict(boom, peers, update_norms=calm).verdict != DIVERGED
+    wild = {**calm, 0: {1: 1.0, 2: 1e4, 3: 1.0, 4: 1.0}}
+    hit = exploding_round(boom, peers, update_norms=wild)
+    assert hit is not None and hit[0] == 2
+    # update norms that do not cover every client are not used
+    assert exploding_round(boom, peers, update_norms={0: calm[0]}) is not None
+
+
+def test_weak_by_the_update_norm_when_the_run_recorded_it():
+    """metrics.jsonl's update_norm replaces the head CME magnitude in the weak test: a client whose
+    update is ~3x smaller than both peers' in every round is weak although its head CME moves like
+    theirs; without update norms the magnitude decides (here: alike, so not weak)."""
+    stats = [make_stats(client=k, magnitude=[0.05, 0.04, 0.06, 0.05], variation=0.05) for k in range(3)]
+    norms = {0: [0.30, 0.25, 0.22, 0.20], 1: [0.10, 0.09, 0.08, 0.07], 2: [0.32, 0.26, 0.21, 0.19]}
+    rows = [{"round": r + 1, "clients": [{"client": k, "model": "m", "update_norm": norms[k][r]} for k in range(3)]} for r in range(4)]
+    verdicts = decide_verdicts(stats, metrics_rows=rows)
+    v = verdicts[1]
+    assert v.verdict == WEAK and v.statistic == "update_norm_rank_sum" and v.value == 12
+    # the median of 0.09 and 0.08 on the log scale: sqrt(0.0072) = 0.0849
+    assert "update norm 0.0849 (median) lowest of 3 m clients in 4 of 4 rounds" in v.reason
+    assert verdicts[0].verdict == DOMINANT and verdicts[2].verdict == DOMINANT
+    no_norms = [{"round": r["round"], "clients": [{"client": c["client"], "model": "m"} for c in r["clients"]]} for r in rows]
+    assert decide_verdicts(stats, metrics_rows=no_norms)[1].verdict == DOMINANT

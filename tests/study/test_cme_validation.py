@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from fedsim.rundir import RunDir
 from fedsim.study import cme_validation as cv
-from fedsim.study.federation import RECORD_FILE
+from fedsim.study.federation import RECORD_FILE, with_update_norms
 
 
 def test_plan_of_the_tiny_size(monkeypatch):
@@ -128,6 +129,25 @@ def test_leave_one_out_is_read_from_the_run_without_the_client(tiny_study):
     assert row["loo_others"] == pytest.approx(others(full) - others(loo))
 
 
+def test_the_server_records_each_clients_update_norm_as_the_probe_measures_it(tiny_study):
+    """metrics.jsonl's update_norm (fedsim.server.updates, per array) equals the study's probe's
+    norm of the concatenated float64 update, for every client and round of every run."""
+    res, _ = tiny_study
+    checked = 0
+    for run in sorted((res.out / "runs").iterdir()):
+        rec = json.loads((run / RECORD_FILE).read_text())
+        rows = {r["round"]: {c["client"]: c for c in r["clients"]} for r in RunDir(run).read_metrics()}
+        for pid, u in rec["updates"].items():
+            for rnd, norm in zip(u["rounds"], u["norm"], strict=True):
+                assert rows[rnd][int(pid)]["update_norm"] == pytest.approx(norm, rel=1e-9, abs=1e-12)
+                checked += 1
+    assert checked >= 20
+    # older records without it get the probe's norms, and the rows are copied, not changed
+    rows = [{"round": 1, "clients": [{"client": 0}, {"client": 1, "update_norm": 5.0}]}]
+    filled = with_update_norms(rows, {"0": {"rounds": [1], "norm": [2.0]}, "1": {"rounds": [1], "norm": [3.0]}})
+    assert [c.get("update_norm") for c in filled[0]["clients"]] == [2.0, 5.0] and "update_norm" not in rows[0]["clients"][0]
+
+
 def test_a_finished_study_is_resumed_not_rerun(tiny_study):
     res, _ = tiny_study
     records = sorted(res.out.glob("runs/*/config.json"))
@@ -149,10 +169,12 @@ def test_verdict_tables_overall_and_split_into_development_and_held_out_seeds():
     rows = [
         row(0, True, "weak"), row(0, False, "learning", client=1), row(1, True, "learning"), row(1, False, "weak", client=1),
         row(10, True, "weak"), row(10, False, "dominant", client=1), row(11, True, "weak"), row(11, False, "dominant", client=1),
+        row(12, True, "diverged"), row(12, False, "dominant", client=1),
     ]  # fmt: skip
     every = next(t for t in cv.verdict_table(rows) if t["fault_level"] == "all")
-    assert every["detected"] == 3 / 4 and every["false_alarm"] == 1 / 4 and every["faulty_weak"] == 3
+    # a few-data client called "diverged" is flagged but not detected
+    assert every["detected"] == 3 / 5 and every["flagged"] == 4 / 5 and every["false_alarm"] == 1 / 5 and every["faulty_weak"] == 3
     split = {t["seeds"]: t for t in cv.verdict_table_split(rows, 10) if t["fault_level"] == "all"}
-    assert set(split) == {"development 0-1", "held-out 10-11"}
+    assert set(split) == {"development 0-1", "held-out 10-12"}
     assert split["development 0-1"]["detected"] == 0.5 and split["development 0-1"]["false_alarm"] == 0.5
-    assert split["held-out 10-11"]["detected"] == 1.0 and split["held-out 10-11"]["false_alarm"] == 0.0
+    assert split["held-out 10-12"]["detected"] == 2 / 3 and split["held-out 10-12"]["false_alarm"] == 0.0

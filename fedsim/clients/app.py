@@ -50,6 +50,7 @@ from flwr.clientapp import ClientApp
 from fedsim._logging import enable_console_logging, logger
 from fedsim.callbacks import EPOCHS_RECORD_KEY, EpochHistory, ProgressLogger, TrainCallback
 from fedsim.clients.tasks import get_task
+from fedsim.clients.timing import CallTimer, client_threads
 from fedsim.cme import CMESettings, encode
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import CMERecorder
@@ -139,6 +140,7 @@ def placement(pid: int, server_round: int, dev: torch.device) -> ConfigRecord:
 def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
     """Config, identity, the model (private state + received shared arrays) and those arrays."""
     enable_console_logging(client=True)
+    client_threads()  # under Ray: torch threads = the CPUs Ray reserved for this actor
     cfg = ResolvedConfig.from_flower(msg.content.config_records["config"], ignore=FLOWER_CONFIG_KEYS)
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
@@ -179,7 +181,9 @@ def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    timer = CallTimer("train")
     cfg, pid, data_dir, model, shared = _prepare(msg, context)
+    timer.mark("prepare")
     task = get_task(cfg.task)
     config = msg.content.config_records["config"]
     server_round = int(_config_number(config, "server-round", 0))
@@ -208,6 +212,7 @@ def train(msg: Message, context: Context) -> Message:
         model, cfg, pid, server_round, dev, callbacks=callbacks,
         proximal_mu=mu, data_dir=data_dir, anchor=received if mu > 0 else None,
     )  # fmt: skip
+    timer.mark("work")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Only the private tensors are kept: the shared ones arrive with every message. Context.state
     # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
@@ -232,6 +237,8 @@ def train(msg: Message, context: Context) -> Message:
     control = msg.content.config_records.get(CONTROL_KEY)
     if control is not None and control.get("send-state", False):  # a checkpoint round
         content[STATE_RECORD_KEY] = private
+    timer.mark("reply")
+    timer.write(pid, server_round, model=cfg.model_for(pid))
     return Message(content, reply_to=msg)
 
 
@@ -260,13 +267,19 @@ def cme_settings(cfg: ResolvedConfig) -> CMESettings:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    timer = CallTimer("evaluate")
     cfg, pid, data_dir, model, _ = _prepare(msg, context)
+    timer.mark("prepare")
     dev = device()
     result = get_task(cfg.task).evaluate_local(model, cfg, pid, dev, data_dir=data_dir)
+    timer.mark("work")
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
     server_round = int(_config_number(msg.content.config_records["config"], "server-round", 0))
-    return Message(RecordDict({"metrics": MetricRecord(metrics), PLACEMENT_KEY: placement(pid, server_round, dev)}), reply_to=msg)
+    reply = Message(RecordDict({"metrics": MetricRecord(metrics), PLACEMENT_KEY: placement(pid, server_round, dev)}), reply_to=msg)
+    timer.mark("reply")
+    timer.write(pid, server_round, model=cfg.model_for(pid))
+    return reply
 
 
 @app.query()

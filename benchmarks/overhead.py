@@ -324,6 +324,8 @@ def layouts(args: argparse.Namespace) -> dict[str, Any]:
     for model in args.models.split(","):
         rows: dict[str, list[float]] = {"sequential": [], "parallel": []}
         totals: dict[str, list[float]] = {"sequential": [], "parallel": []}
+        # train calls (rounds after the first): all with N threads; 1 thread next to another client; 1 thread alone
+        work: dict[str, list[float]] = {"threads": [], "beside": [], "alone": []}
         for i in range(args.repeat):
             for name, client_cpus in (("sequential", float(cpus)), ("parallel", 1.0)):
                 cfg = resolve_config(
@@ -333,10 +335,27 @@ def layouts(args: argparse.Namespace) -> dict[str, Any]:
                     run = run_fedsim(cfg, Path(tmp))
                 rounds = [r["wall_s"] for r in run["metrics"] if r["round"] > 1]
                 rows[name].extend(rounds)
+                for c in run["calls"]:
+                    if c["phase"] == "train" and c["round"] > 1:
+                        # 3 clients on 2 actors: the first two train side by side, the third alone after them
+                        kind = "threads" if name == "sequential" else "alone" if c["client"] == 2 else "beside"
+                        work[kind].append(c["work_s"])
                 totals[name].append(run["seconds"])
                 print(f"{model} {name} {i + 1}/{args.repeat}: {run['seconds']:.1f}s, rounds after the first {rounds}", file=sys.stderr)
         seq, par = statistics.median(rows["sequential"]), statistics.median(rows["parallel"])
+        med = {k: statistics.median(v) for k, v in work.items() if v}
+        profile = (
+            {
+                "seconds": _r(med["alone"]),
+                "gain": round(med["alone"] / med["threads"], 3),
+                "contention": round(med["beside"] / med["alone"], 3),
+            }
+            if len(med) == 3
+            else None
+        )
         out[model] = {
+            "thread_profile": profile,
+            "train_call_s_median": {k: _r(v) for k, v in med.items()},
             "sequential_round_s_median": _r(seq), "parallel_round_s_median": _r(par), "parallel_over_sequential": round(par / seq, 3),
             "sequential_total_s": [_r(t) for t in totals["sequential"]], "parallel_total_s": [_r(t) for t in totals["parallel"]],
             "sequential_rounds_s": [_r(t) for t in rows["sequential"]], "parallel_rounds_s": [_r(t) for t in rows["parallel"]],

@@ -56,8 +56,8 @@ def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValue
 
 @dataclass(frozen=True)
 class ThreadProfile:
-    """How one model's local training uses a 2-core CPU (``benchmarks/overhead.py --layouts``,
-    quick profile; docs/performance.md): ``seconds`` of one client's training call with one
+    """How one model's local training uses a 2-core CPU (``benchmarks/overhead.py --layouts``
+    measures it, quick profile; docs/performance.md): ``seconds`` of one client's training call with one
     thread and nothing else running; ``gain``: how much faster two threads make it (``seconds`` /
     the 2-thread time); ``contention``: how much slower it is while another single-thread client
     trains on the other core (memory bandwidth, caches)."""
@@ -75,8 +75,12 @@ class ThreadProfile:
         return self.seconds * self.contention
 
 
-#: Measured thread profiles of the models (see :class:`ThreadProfile`); a model not listed makes
-#: the pick keep one client at a time with every CPU.
+#: Thread profiles of the models (see :class:`ThreadProfile`); a model not listed makes the pick
+#: keep one client at a time with every CPU. PROVISIONAL: these are estimates (ResNet50's 2-thread
+#: quick epoch of 5.2-5.8 s from issue 14; the 1-thread times, gains and contention guessed), not
+#: yet measured: the quick-profile measurement (``benchmarks/overhead.py --layouts``) could not be
+#: made on the shared machine (load average 6-12, a 2-thread epoch 10-20x slower than on a quiet
+#: machine); replace them with its ``thread_profile`` values (docs/performance.md).
 THREAD_PROFILES: dict[str, ThreadProfile] = {
     "resnet50": ThreadProfile(10.0, 1.7, 1.05),
     "densenet121": ThreadProfile(9.0, 1.6, 1.05),
@@ -104,7 +108,8 @@ def pick_client_cpus(cfg: ResolvedConfig, cpus: int | None = None) -> float:
     ``sample_size()`` clients stand for any round): one after another,
     ``sum(ThreadProfile.sequential(cpus))``; in parallel, the time until the last of the
     ``ThreadProfile.parallel()`` calls ends when ``cpus`` actors take them in client order. The
-    single-thread layout is picked only when its estimate is lower. Kept as before (2 CPUs per
+    single-thread layout is picked only when its estimate is lower (the profiles are still
+    provisional, see :data:`THREAD_PROFILES`). Kept as before (2 CPUs per
     client, the old default): a Ray cluster (``ray_address``: its nodes are not known before
     joining) and clients with GPUs. One client at a time with every CPU: one CPU, or a model without
     a measured profile. The same config on the same machine always gives the same pick; the

@@ -44,7 +44,7 @@ def timing(repeat: int) -> dict[str, Any]:
     from fedsim.study.federation import quiet_logs
 
     base = RunConfig(profile="tiny", models=("small_cnn",) * 3, rounds=2)
-    threads = ray_client_threads(base.client_cpus)
+    threads = ray_client_threads(resolve_config(base).client_cpus)  # the layout fedsim picks for these clients
     out: dict[str, Any] = {"config": "tiny, 3 x small_cnn, 2 rounds x 2 local epochs", "repeat": repeat, "client_threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
         walls: dict[str, list[float]] = {"inprocess": [], "inprocess_1thread": [], "ray": []}

@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dp-clip", type=float, metavar="C", help="differential privacy clip norm (= --strategy-option clip=C; dp_fixed, dp_adaptive)"
     )
-    run.add_argument("--client-cpus", type=float, default=d.client_cpus, help="CPUs per simulated client (default: %(default)s)")
+    run.add_argument(
+        "--client-cpus",
+        type=float,
+        help="CPUs (torch threads) per simulated client (default: picked for this machine and the models: one client at a time "
+        "with every CPU, or one single-thread client per CPU where that trains faster; recorded in config.json)",
+    )
     run.add_argument("--client-gpus", type=float, help="GPUs per simulated client (default: 1 if CUDA is available, else 0)")
     run.add_argument(
         "--ray-address",

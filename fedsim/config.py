@@ -110,7 +110,9 @@ class RunConfig:
     strategy_options: tuple[tuple[str, Any], ...] = ()
     global_test_fraction: float = 0.15
     local_test_fraction: float = 0.2
-    client_cpus: float = 2.0
+    #: CPUs (torch threads) per client actor; None = picked for this machine and these models
+    #: (:func:`fedsim.simulation.pick_client_cpus`), the pick recorded in the resolved config.
+    client_cpus: float | None = None
     client_gpus: float | None = None
     node_timeout: float = 120.0
     round_timeout: float = 3600.0
@@ -156,7 +158,7 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
-        if not (math.isfinite(self.client_cpus) and self.client_cpus > 0):
+        if self.client_cpus is not None and not (math.isfinite(self.client_cpus) and self.client_cpus > 0):
             raise ConfigError(f"client_cpus must be a number > 0, got {self.client_cpus}")
         if self.client_gpus is not None and not (math.isfinite(self.client_gpus) and self.client_gpus >= 0):
             raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus}")
@@ -414,6 +416,7 @@ class ResolvedConfig(RunConfig):
     num_samples: int = 0
     batch_size: int = 0
     lr: float = 0.0
+    client_cpus: float = 2.0
     client_gpus: float = 0.0
 
 

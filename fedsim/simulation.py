@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fedsim._logging import VERBOSE_ENV, logger, quiet_third_party, verbose
 from fedsim.clients.tasks import get_task, resolve_config
 from fedsim.clients.tasks.resolve import cuda_available
+from fedsim.clients.timing import TIMINGS_ENV
 from fedsim.config import ConfigError, ResolvedConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -51,6 +52,78 @@ def backend_config(cfg: ResolvedConfig) -> dict[str, dict[str, ConfigRecordValue
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     return {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}, "init_args": init_args}
+
+
+@dataclass(frozen=True)
+class ThreadProfile:
+    """How one model's local training uses a 2-core CPU (``benchmarks/overhead.py --layouts``
+    measures it, quick profile; docs/performance.md): ``seconds`` of one client's training call with one
+    thread and nothing else running; ``gain``: how much faster two threads make it (``seconds`` /
+    the 2-thread time); ``contention``: how much slower it is while another single-thread client
+    trains on the other core (memory bandwidth, caches)."""
+
+    seconds: float
+    gain: float
+    contention: float
+
+    def sequential(self, cpus: int) -> float:
+        """Estimated seconds of a call with ``cpus`` threads: the 2-thread gain extrapolated linearly."""
+        return self.seconds / (1 + (cpus - 1) * (self.gain - 1))
+
+    def parallel(self) -> float:
+        """Estimated seconds of a single-thread call next to other single-thread clients."""
+        return self.seconds * self.contention
+
+
+#: Thread profiles of the models (see :class:`ThreadProfile`); a model not listed makes the pick
+#: keep one client at a time with every CPU. PROVISIONAL: these are estimates (ResNet50's 2-thread
+#: quick epoch of 5.2-5.8 s from issue 14; the 1-thread times, gains and contention guessed), not
+#: yet measured: the quick-profile measurement (``benchmarks/overhead.py --layouts``) could not be
+#: made on the shared machine (load average 6-12, a 2-thread epoch 10-20x slower than on a quiet
+#: machine); replace them with its ``thread_profile`` values (docs/performance.md).
+THREAD_PROFILES: dict[str, ThreadProfile] = {
+    "resnet50": ThreadProfile(10.0, 1.7, 1.05),
+    "densenet121": ThreadProfile(9.0, 1.6, 1.05),
+    "alexnet_skip": ThreadProfile(2.0, 1.5, 1.05),
+    "small_cnn": ThreadProfile(0.5, 1.2, 1.05),
+}
+
+
+def _makespan(seconds: list[float], workers: int) -> float:
+    """When the last of these calls ends when ``workers`` actors take them in order, each the next
+    call when it is free (how Flower's actor pool hands out a round's messages)."""
+    free = [0.0] * workers
+    for s in seconds:
+        i = free.index(min(free))
+        free[i] += s
+    return max(free)
+
+
+def pick_client_cpus(cfg: ResolvedConfig, cpus: int | None = None) -> float:
+    """The client layout when ``--client-cpus`` is not given: one client at a time with all of
+    this machine's ``cpus``, or ``cpus`` clients at a time with one thread each, whichever the
+    models' measured :data:`THREAD_PROFILES` say trains a round faster.
+
+    A round's estimate takes the clients that train in it (with sampling, the first
+    ``sample_size()`` clients stand for any round): one after another,
+    ``sum(ThreadProfile.sequential(cpus))``; in parallel, the time until the last of the
+    ``ThreadProfile.parallel()`` calls ends when ``cpus`` actors take them in client order. The
+    single-thread layout is picked only when its estimate is lower (the profiles are still
+    provisional, see :data:`THREAD_PROFILES`). Kept as before (2 CPUs per
+    client, the old default): a Ray cluster (``ray_address``: its nodes are not known before
+    joining) and clients with GPUs. One client at a time with every CPU: one CPU, or a model without
+    a measured profile. The same config on the same machine always gives the same pick; the
+    resolved ``client_cpus`` is recorded in ``config.json``, and ``--client-cpus`` overrides it.
+    """
+    if cfg.ray_address or cfg.client_gpus > 0:
+        return 2.0
+    cpus = cpus or os.cpu_count() or 1
+    models = cfg.client_models()[: cfg.sample_size()]
+    if cpus < 2 or any(m not in THREAD_PROFILES for m in models):
+        return float(cpus)
+    sequential = sum(THREAD_PROFILES[m].sequential(cpus) for m in models)
+    parallel = _makespan([THREAD_PROFILES[m].parallel() for m in models], cpus)
+    return 1.0 if parallel < sequential else float(cpus)
 
 
 class RayClusterUnreachable(ConfigError):
@@ -110,6 +183,8 @@ class RayLayout:
     nodes: tuple[RayNode, ...]
     client_cpus: float
     client_gpus: float
+    #: ``client_cpus`` was picked by :func:`pick_client_cpus` (``--client-cpus`` not given).
+    picked: bool = False
 
     @property
     def cluster_cpus(self) -> float:
@@ -142,6 +217,7 @@ class RayLayout:
             "cluster_cpus": self.cluster_cpus,
             "cluster_gpus": self.cluster_gpus,
             "client_cpus": self.client_cpus,
+            "client_cpus_picked": self.picked,
             "client_gpus": self.client_gpus,
             "clients_per_gpu": self.clients_per_gpu,
             "concurrent_clients": self.concurrent_clients,
@@ -157,7 +233,8 @@ class RayLayout:
         per_gpu = f", {self.clients_per_gpu} clients per GPU" if self.clients_per_gpu else ""
         return (
             f"{where}: {len(self.nodes)} nodes, CPU {self.cluster_cpus:g}, GPU {self.cluster_gpus:g} [{nodes}]; "
-            f"per client CPU {self.client_cpus:g}, GPU {self.client_gpus:g}{per_gpu}; {self.concurrent_clients} clients at a time"
+            f"per client CPU {self.client_cpus:g}{' (picked; --client-cpus to choose)' if self.picked else ''}, GPU {self.client_gpus:g}"
+            f"{per_gpu}; {self.concurrent_clients} clients at a time"
         )
 
     def check(self) -> None:
@@ -175,8 +252,9 @@ class RayLayout:
         )
 
 
-def ray_layout(cfg: ResolvedConfig) -> RayLayout:
-    """The layout of the connected Ray session (``ray.nodes()``: alive nodes with resources)."""
+def ray_layout(cfg: ResolvedConfig, picked: bool = False) -> RayLayout:
+    """The layout of the connected Ray session (``ray.nodes()``: alive nodes with resources);
+    ``picked``: the config's ``client_cpus`` was picked, not given."""
     import ray
 
     nodes = tuple(
@@ -186,7 +264,7 @@ def ray_layout(cfg: ResolvedConfig) -> RayLayout:
         for n in ray.nodes()
         if n.get("Alive") and n.get("Resources")
     )
-    return RayLayout(cfg.ray_address, nodes, cfg.client_cpus, cfg.client_gpus)
+    return RayLayout(cfg.ray_address, nodes, cfg.client_cpus, cfg.client_gpus, picked)
 
 
 def message_window(cfg: ResolvedConfig) -> int:
@@ -281,6 +359,44 @@ def run_simulation(cfg: RunConfig, *, resume: bool = False) -> None:
         _run_simulation(cfg, resume, stop)
 
 
+#: Thread-count variables of the numeric libraries (torch/OpenMP, OpenBLAS, MKL) a client actor starts with.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def client_thread_env(client_cpus: float) -> dict[str, str]:
+    """The thread variables a client actor gets: ``max(floor(client_cpus), 1)`` threads for torch,
+    OpenBLAS and MKL alike, the count Ray gives ``OMP_NUM_THREADS`` (so the results match
+    :class:`~fedsim.server.inprocess.InProcessGrid` with :func:`~fedsim.server.inprocess.ray_client_threads`);
+    Ray sets only ``OMP_NUM_THREADS``, and numpy's OpenBLAS would otherwise start one thread per core
+    in every actor (parallel actors then oversubscribe the cores). Variables set in this
+    environment are passed on unchanged."""
+    from fedsim.server.inprocess import ray_client_threads  # imports Flower: only when a run starts
+
+    n = str(ray_client_threads(client_cpus))
+    return {k: os.environ.get(k) or n for k in THREAD_ENV_VARS}
+
+
+#: Ray's setting (an environment variable read by the raylet it starts) for its workers' niceness.
+NICENESS_ENV = "RAY_worker_niceness"
+
+
+@contextmanager
+def worker_niceness(cfg: ResolvedConfig) -> Iterator[None]:
+    """Start a local Ray instance whose workers (the client actors) run at niceness 0, like the
+    process that starts them, instead of Ray's default 15, under which a client actor trains slower
+    than the same loop in a plain process whenever anything else wants the CPU (the driver, Ray's
+    own processes, other jobs; issue 14). ``RAY_worker_niceness`` set in this environment wins; a
+    cluster (``ray_address``) keeps the niceness its nodes were started with."""
+    if cfg.ray_address or NICENESS_ENV in os.environ:
+        yield
+        return
+    os.environ[NICENESS_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(NICENESS_ENV, None)
+
+
 @contextmanager
 def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
     """Start Ray here (or join ``cfg.ray_address``), as Flower's Ray backend would (same init arguments and ``PYTHONPATH``
@@ -295,10 +411,11 @@ def ray_session(cfg: ResolvedConfig, stop: StopRequest) -> Iterator[None]:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    env_vars = {"PYTHONPATH": pythonpath}
-    if os.environ.get(VERBOSE_ENV) is not None:  # the clients' console verbosity (fedsim._logging)
-        env_vars[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
-    with warnings.catch_warnings():
+    env_vars = {"PYTHONPATH": pythonpath, **client_thread_env(cfg.client_cpus)}
+    for name in (VERBOSE_ENV, TIMINGS_ENV):  # the clients' console verbosity (fedsim._logging); benchmark timings
+        if os.environ.get(name) is not None:
+            env_vars[name] = os.environ[name]
+    with warnings.catch_warnings(), worker_niceness(cfg):
         if not verbose():  # Ray's tip about accelerator env vars (a FutureWarning on every start)
             warnings.simplefilter("ignore", FutureWarning)
         level = logging.INFO if verbose() is not False else logging.WARNING  # "Started a local Ray instance" etc.
@@ -323,6 +440,7 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
     if cfg.ray_address:  # before any other work: a wrong address is the likeliest mistake here
         check_reachable(cfg.ray_address)
     auto_gpus = cfg.client_gpus is None
+    picked = cfg.client_cpus is None
     cfg = resolve_config(cfg)
     if cfg.cme:
         check_cme_layers(cfg)
@@ -345,10 +463,10 @@ def _run_simulation(cfg: RunConfig, resume: bool, stop: StopRequest) -> None:
         raise RunInterrupted(stop.signum)
     with warnings.catch_warnings(), ray_session(cfg, stop):
         warnings.simplefilter("ignore", DeprecationWarning)
-        layout = ray_layout(cfg)
+        layout = ray_layout(cfg, picked)
         if cfg.ray_address and auto_gpus:  # unset: one GPU per client if the cluster has GPUs
             cfg = dataclasses.replace(cfg, client_gpus=1.0 if layout.cluster_gpus > 0 else 0.0)
-            layout = ray_layout(cfg)
+            layout = ray_layout(cfg, picked)
         layout.check()
         logger.info("%s", layout.describe())
         quiet_third_party()  # now that Flower is imported: its chatter off unless -v (fedsim._logging)

@@ -5,12 +5,23 @@ arguments, the reachability check and the config checks. The real cluster is in
 from __future__ import annotations
 
 import socket
+from unittest.mock import patch
 
 import pytest
 
 from fedsim.clients.tasks import resolve_config
 from fedsim.config import ConfigError, RunConfig
-from fedsim.simulation import RayClusterUnreachable, RayLayout, RayNode, backend_config, check_reachable
+from fedsim.simulation import (
+    THREAD_PROFILES,
+    RayClusterUnreachable,
+    RayLayout,
+    RayNode,
+    ThreadProfile,
+    _makespan,
+    backend_config,
+    check_reachable,
+    pick_client_cpus,
+)
 
 from .integration.flower_procs import free_port
 
@@ -51,9 +62,37 @@ def test_layout_that_fits_no_client_is_refused_with_the_largest_node():
 def test_init_args_join_the_cluster_or_start_ray_here():
     joined = backend_config(resolve_config(RunConfig(profile="tiny", client_gpus=0, ray_address="10.0.0.1:6379")))
     assert joined["init_args"]["address"] == "10.0.0.1:6379" and "num_cpus" not in joined["init_args"]
-    own = backend_config(resolve_config(RunConfig(profile="tiny", client_gpus=0)))
+    own = backend_config(resolve_config(RunConfig(profile="tiny", client_gpus=0, client_cpus=2)))
     assert "address" not in own["init_args"] and own["init_args"]["num_cpus"] >= 1
+    # joining a cluster without --client-cpus keeps the former default, 2 CPUs per client
     assert joined["client_resources"] == own["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+
+
+def _cfg(**kw):
+    return resolve_config(RunConfig(profile="tiny", client_gpus=0, client_cpus=1, **kw))
+
+
+def test_picked_layout_follows_the_round_estimate():
+    slow, fast = "resnet50", "small_cnn"  # stand-ins with made-up profiles; alexnet_skip has none here
+    profiles = {slow: ThreadProfile(10.0, 1.9, 1.0), fast: ThreadProfile(1.0, 1.1, 1.0)}
+    with patch.dict(THREAD_PROFILES, profiles, clear=True):
+        # 3 clients that gain almost 2x from 2 threads: 3 x 10/1.9 = 15.8 s one after another beats 20 s in two waves
+        assert pick_client_cpus(_cfg(models=(slow,)), cpus=2) == 2.0
+        # a 4th client fills the second wave: 4 x 10/1.9 = 21.1 s > 20 s
+        assert pick_client_cpus(_cfg(models=(slow,), clients=4), cpus=2) == 1.0
+        assert pick_client_cpus(_cfg(models=(fast,)), cpus=2) == 1.0  # 2 s in parallel vs 3 x 1/1.1
+        assert pick_client_cpus(_cfg(models=(slow,), clients=4, clients_per_round=3), cpus=2) == 2.0  # the round's clients count
+        assert pick_client_cpus(_cfg(models=(fast,)), cpus=1) == 1.0
+        assert pick_client_cpus(_cfg(models=(fast, slow, "alexnet_skip")), cpus=2) == 2.0  # no profile: all CPUs for one client
+        assert pick_client_cpus(_cfg(models=(fast,), ray_address="10.0.0.1:6379"), cpus=2) == 2.0  # a cluster: as before
+    assert _makespan([10, 9, 2], 2) == 11 and _makespan([1, 1, 1], 1) == 3
+
+
+def test_layout_is_picked_only_when_not_given():
+    picked = resolve_config(RunConfig(profile="tiny", models=("small_cnn",), client_gpus=0))
+    assert picked.client_cpus == pick_client_cpus(picked)
+    assert resolve_config(RunConfig(profile="tiny", models=("small_cnn",), client_gpus=0, client_cpus=2)).client_cpus == 2.0
+    assert RunConfig.from_json_dict(picked.to_json_dict()).client_cpus == picked.client_cpus  # --config / --resume keep the pick
 
 
 def test_reachability_check_names_the_address():

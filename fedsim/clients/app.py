@@ -4,7 +4,9 @@ Each round the client
 
 1. rebuilds its model and restores its **private** state (backbone, BatchNorm statistics, any
    unshared head layers) from ``Context.state``, which Flower keeps across rounds both in
-   simulation and in deployment (where every message starts a new process);
+   simulation and in deployment (where every message starts a new process); a process that
+   ran the client's previous call and still holds the model of exactly that state (a token in
+   ``Context.state`` says so) takes that model instead (:class:`ModelCache`);
 2. overwrites the shared parameters with the arrays the server sent (the allow-list);
 3. trains ``local_epochs`` epochs on its local split (``train``) or evaluates on its local test
    split (``evaluate``);
@@ -41,6 +43,8 @@ import os
 import socket
 import sys
 import time
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -50,6 +54,7 @@ from flwr.clientapp import ClientApp
 from fedsim._logging import enable_console_logging, logger
 from fedsim.callbacks import EPOCHS_RECORD_KEY, EpochHistory, ProgressLogger, TrainCallback
 from fedsim.clients.tasks import get_task
+from fedsim.clients.timing import CallTimer, client_threads
 from fedsim.cme import CMESettings, encode
 from fedsim.cme.archive import RECORD_KEY as CME_RECORD_KEY
 from fedsim.cme.recorder import CMERecorder
@@ -136,15 +141,73 @@ def placement(pid: int, server_round: int, dev: torch.device) -> ConfigRecord:
     return ConfigRecord(record)  # type: ignore[arg-type]
 
 
-def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor]]:
-    """Config, identity, the model (private state + received shared arrays) and those arrays."""
+class ModelCache:
+    """The models this process's last calls left behind, so the next call of the same client in
+    the same process need not rebuild its model from ``Context.state`` (a ResNet50's 95 MB of
+    private tensors converted and loaded on every call; issue 14).
+
+    Each train call stores its private state in ``Context.state`` together with a fresh random
+    token (:data:`TOKEN_KEY`); the model it trained is kept here under that token. A later call
+    takes the model only when its context carries the same token: then the model's private
+    tensors are exactly those of the context (nothing else trained this client since, in another
+    actor or from a resumed checkpoint), and the received shared arrays overwrite the rest as in a
+    rebuilt model, so results are bit-identical either way. A call takes its model out while it
+    runs, so a call that fails leaves nothing stale behind. At most :attr:`max_models` models and
+    :attr:`max_bytes` of tensors are kept, the least recently used going first.
+    """
+
+    def __init__(self, max_models: int = 32, max_bytes: int = 2 * 1024**3) -> None:
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        self._models: OrderedDict[tuple[str, str, int], tuple[str, torch.nn.Module, int]] = OrderedDict()
+
+    def take(self, key: tuple[str, str, int], token: str | None) -> torch.nn.Module | None:
+        """The model kept for ``key`` if it matches ``token`` (removed from the cache), else None."""
+        entry = self._models.pop(key, None)
+        return entry[1] if entry is not None and token is not None and entry[0] == token else None
+
+    def put(self, key: tuple[str, str, int], token: str, model: torch.nn.Module) -> None:
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self._models[key] = (token, model, size)
+        while self._models and (len(self._models) > self.max_models or sum(e[2] for e in self._models.values()) > self.max_bytes):
+            self._models.popitem(last=False)
+
+    def clear(self) -> None:
+        self._models.clear()
+
+
+#: ``Context.state`` record with the token of the private state (:class:`ModelCache`).
+TOKEN_KEY = "fedsim.model-token"
+#: This process's :class:`ModelCache`.
+MODELS = ModelCache()
+
+
+def _state_token(context: Context) -> str | None:
+    record = context.state.config_records.get(TOKEN_KEY)
+    token = record.get("token") if record is not None else None
+    return token if isinstance(token, str) else None
+
+
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[ResolvedConfig, int, str | None, torch.nn.Module, dict[str, torch.Tensor], tuple[str, str, int]]:
+    """Config, identity, the model (private state + received shared arrays), those arrays and the
+    model's :class:`ModelCache` key."""
     enable_console_logging(client=True)
+    client_threads()  # under Ray: torch threads = the CPUs Ray reserved for this actor
     cfg = ResolvedConfig.from_flower(msg.content.config_records["config"], ignore=FLOWER_CONFIG_KEYS)
     pid, data_dir = node_identity(context, cfg)
     task = get_task(cfg.task)
     incoming: dict[str, torch.Tensor] = msg.content.array_records["arrays"].to_torch_state_dict()
     private = _private_state(msg, context)
-    if private is not None:  # later rounds (or a resumed run): private tensors + received ones, no random init
+    key = (cfg.task, cfg.model_for(pid), pid)
+    resumed = STATE_RECORD_KEY in msg.content.array_records
+    cached = MODELS.take(key, None if resumed else _state_token(context))
+    if cached is not None:  # this process's model of the client, private state as in the context
+        model = cached
+        incoming = _conform(model, incoming, pid, cfg)
+        model.load_state_dict(incoming, strict=False)
+    elif private is not None:  # later rounds (or a resumed run): private tensors + received ones, no random init
         with torch.device("meta"):
             model = task.build_model(cfg.model_for(pid), cfg)
         incoming = _conform(model, incoming, pid, cfg)
@@ -154,7 +217,7 @@ def _prepare(msg: Message, context: Context) -> tuple[ResolvedConfig, int, str |
         model = task.build_model(cfg.model_for(pid), cfg)
         incoming = _conform(model, incoming, pid, cfg)
         model.load_state_dict(incoming, strict=False)
-    return cfg, pid, data_dir, model, incoming
+    return cfg, pid, data_dir, model, incoming, key
 
 
 def _private_state(msg: Message, context: Context) -> ArrayRecord | None:
@@ -179,7 +242,9 @@ def _conform(model: torch.nn.Module, incoming: dict[str, torch.Tensor], pid: int
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, pid, data_dir, model, shared = _prepare(msg, context)
+    timer = CallTimer("train")
+    cfg, pid, data_dir, model, shared, key = _prepare(msg, context)
+    timer.mark("prepare")
     task = get_task(cfg.task)
     config = msg.content.config_records["config"]
     server_round = int(_config_number(config, "server-round", 0))
@@ -208,11 +273,15 @@ def train(msg: Message, context: Context) -> Message:
         model, cfg, pid, server_round, dev, callbacks=callbacks,
         proximal_mu=mu, data_dir=data_dir, anchor=received if mu > 0 else None,
     )  # fmt: skip
+    timer.mark("work")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Only the private tensors are kept: the shared ones arrive with every message. Context.state
     # travels with each call (to a Ray actor, or a new ClientApp process), so smaller is faster.
     private = ArrayRecord({k: v for k, v in state.items() if k not in shared})
     context.state[STATE_KEY] = private
+    token = uuid.uuid4().hex  # os.urandom: no random generator of the run is touched
+    context.state[TOKEN_KEY] = ConfigRecord({"token": token})
+    MODELS.put(key, token, model)
     if free_rider is not None and received is not None:  # returns what it received, plus noise
         reply_arrays = ArrayRecord(_free_ride(received, free_rider.level, cfg.seed, pid, server_round))
     elif fails_in(faults, pid, "nan", server_round):
@@ -232,6 +301,8 @@ def train(msg: Message, context: Context) -> Message:
     control = msg.content.config_records.get(CONTROL_KEY)
     if control is not None and control.get("send-state", False):  # a checkpoint round
         content[STATE_RECORD_KEY] = private
+    timer.mark("reply")
+    timer.write(pid, server_round, model=cfg.model_for(pid))
     return Message(content, reply_to=msg)
 
 
@@ -260,13 +331,22 @@ def cme_settings(cfg: ResolvedConfig) -> CMESettings:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, pid, data_dir, model, _ = _prepare(msg, context)
+    timer = CallTimer("evaluate")
+    cfg, pid, data_dir, model, _, key = _prepare(msg, context)
+    timer.mark("prepare")
     dev = device()
     result = get_task(cfg.task).evaluate_local(model, cfg, pid, dev, data_dir=data_dir)
+    token = _state_token(context)
+    if token is not None and STATE_RECORD_KEY not in msg.content.array_records:  # evaluating changed no private tensor
+        MODELS.put(key, token, model)
+    timer.mark("work")
     metrics: dict[str, MetricRecordValues] = {"num-examples": result.num_examples, "partition-id": pid}
     metrics.update({f"test-{k}": float(v) for k, v in result.metrics.items()})
     server_round = int(_config_number(msg.content.config_records["config"], "server-round", 0))
-    return Message(RecordDict({"metrics": MetricRecord(metrics), PLACEMENT_KEY: placement(pid, server_round, dev)}), reply_to=msg)
+    reply = Message(RecordDict({"metrics": MetricRecord(metrics), PLACEMENT_KEY: placement(pid, server_round, dev)}), reply_to=msg)
+    timer.mark("reply")
+    timer.write(pid, server_round, model=cfg.model_for(pid))
+    return reply
 
 
 @app.query()

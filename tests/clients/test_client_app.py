@@ -128,3 +128,33 @@ def test_cme_recording_travels_in_the_train_reply(tiny_cfg):
     assert "cme" not in plain.content.config_records
     for k in HEAD_KEYS:
         np.testing.assert_array_equal(reply.content["arrays"][k].numpy(), plain.content["arrays"][k].numpy())
+
+
+def _two_rounds(cfg, clear_between: bool) -> tuple[dict, dict]:
+    """Train round 1, evaluate, train round 2 on one client; with ``clear_between`` every call
+    rebuilds its model from Context.state (as in another actor process)."""
+    ctx, out = _context(0), []
+    for kind, rnd in (("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)):
+        if clear_between:
+            client_app.MODELS.clear()
+        out.append(getattr(client_app, kind)(_message(cfg, HEAD_KEYS, kind=kind, server_round=rnd), ctx).content)
+    return ctx.state[client_app.STATE_KEY].to_torch_state_dict(), {i: c["metrics"] for i, c in enumerate(out)}
+
+
+def test_kept_model_gives_the_same_results_as_a_rebuilt_one(tiny_cfg):
+    client_app.MODELS.clear()
+    kept_state, kept_metrics = _two_rounds(tiny_cfg, clear_between=False)
+    rebuilt_state, rebuilt_metrics = _two_rounds(tiny_cfg, clear_between=True)
+    assert kept_metrics == rebuilt_metrics and all(torch.equal(kept_state[k], rebuilt_state[k]) for k in kept_state)
+
+
+def test_model_cache_takes_only_a_model_of_the_same_state():
+    cache = client_app.ModelCache(max_models=2)
+    models = [torch.nn.Linear(2, 2) for _ in range(3)]
+    cache.put(("t", "m", 0), "a", models[0])
+    assert cache.take(("t", "m", 0), "b") is None and cache.take(("t", "m", 0), "a") is None  # a wrong token drops it
+    cache.put(("t", "m", 0), "a", models[0])
+    assert cache.take(("t", "m", 0), "a") is models[0] and cache.take(("t", "m", 0), "a") is None  # taken out while in use
+    for i, m in enumerate(models):
+        cache.put(("t", "m", i), "a", m)
+    assert cache.take(("t", "m", 0), "a") is None and cache.take(("t", "m", 2), "a") is models[2]  # least recently used went first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -135,17 +136,30 @@ def _cme_content(path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_bit_identical_to_the_simulation_engine(tmp_path):
+def test_bit_identical_to_the_simulation_engine(tmp_path, monkeypatch):
     """The same config through Ray (Flower's Simulation Engine) and through InProcessGrid with the
-    torch thread count a Ray actor gets: identical metrics.jsonl, parameters and CME archive."""
+    torch thread count a Ray actor gets: identical metrics.jsonl, parameters and CME archive. The
+    layout is the one fedsim picks (no --client-cpus), recorded in config.json; the client actors
+    run at niceness 0 with that many torch threads."""
     from safetensors import safe_open
 
+    from fedsim.clients.timing import TIMINGS_ENV
     from fedsim.simulation import run_simulation
 
-    cfg = _tiny(tmp_path, "ray", cme=True)
-    run_simulation(cfg)
+    monkeypatch.setenv(TIMINGS_ENV, str(tmp_path / "timings.jsonl"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    given = RunConfig(profile="tiny", models=("small_cnn",) * 3, rounds=2, out=str(tmp_path / "ray"), cme=True)
+    run_simulation(given)
+    calls = [json.loads(line) for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    monkeypatch.delenv(TIMINGS_ENV)
+    cfg = resolve_config(given)
     ours = _run_in_process(dataclasses.replace(cfg, out=str(tmp_path / "inproc")), num_threads=ray_client_threads(cfg.client_cpus))
     ray_dir = RunDir(cfg.out)
+    layout = ray_dir.read_config()["ray"]
+    assert layout["client_cpus_picked"] and layout["client_cpus"] == ray_dir.read_config()["client_cpus"] == cfg.client_cpus
+    assert len(calls) == 12 and {c["phase"] for c in calls} == {"train", "evaluate"}  # 3 clients x 2 rounds x 2 phases
+    assert all(c["nice"] == 0 and c["torch_threads"] == ray_client_threads(cfg.client_cpus) for c in calls)
+    assert len({c["pid"] for c in calls}) <= layout["concurrent_clients"]
     assert ray_dir.read_results() == ours.read_results()  # all but the wall times
     a, b = ray_dir.load_params(), ours.load_params()
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

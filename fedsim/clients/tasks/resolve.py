@@ -1,7 +1,8 @@
 """Config resolution: a user's :class:`RunConfig` -> a checked :class:`ResolvedConfig`.
 
 This is where the registries meet the config: the task's profile fills the unset sizes, the
-scenario (CME paper Table 1) the partition and models, the machine the GPU default; then every
+scenario (CME paper Table 1) the partition and models, the machine the GPU default and the
+client layout (``client_cpus``); then every
 name (task, profile, model, strategy, partitioner) and the task's and strategy's typed options are
 checked, so invalid input is refused before any work starts.
 """
@@ -44,6 +45,10 @@ def resolve_config(cfg: RunConfig) -> ResolvedConfig:
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} | filled
     resolved = ResolvedConfig(**values)
     check_names(resolved)
+    if cfg.client_cpus is None:  # the client layout for this machine and these models
+        from fedsim.simulation import pick_client_cpus
+
+        resolved = dataclasses.replace(resolved, client_cpus=pick_client_cpus(resolved))
     return resolved
 
 

@@ -76,16 +76,15 @@ class ThreadProfile:
 
 
 #: Thread profiles of the models (see :class:`ThreadProfile`); a model not listed makes the pick
-#: keep one client at a time with every CPU. PROVISIONAL: these are estimates (ResNet50's 2-thread
-#: quick epoch of 5.2-5.8 s from issue 14; the 1-thread times, gains and contention guessed), not
-#: yet measured: the quick-profile measurement (``benchmarks/overhead.py --layouts``) could not be
-#: made on the shared machine (load average 6-12, a 2-thread epoch 10-20x slower than on a quiet
-#: machine); replace them with its ``thread_profile`` values (docs/performance.md).
+#: keep one client at a time with every CPU. Measured by
+#: ``python benchmarks/overhead.py --profile quick --layouts --rounds 3`` on the project's 2-core
+#: machine (one repetition, load average 3 falling to 2; ``benchmarks/results/overhead-layouts-quick.json``,
+#: its ``thread_profile`` per model); re-measure on a machine of another kind (docs/performance.md).
 THREAD_PROFILES: dict[str, ThreadProfile] = {
-    "resnet50": ThreadProfile(10.0, 1.7, 1.05),
-    "densenet121": ThreadProfile(9.0, 1.6, 1.05),
-    "alexnet_skip": ThreadProfile(2.0, 1.5, 1.05),
-    "small_cnn": ThreadProfile(0.5, 1.2, 1.05),
+    "resnet50": ThreadProfile(19.44, 1.761, 1.054),
+    "densenet121": ThreadProfile(13.64, 1.054, 1.179),
+    "alexnet_skip": ThreadProfile(1.79, 1.436, 1.038),
+    "small_cnn": ThreadProfile(0.79, 1.207, 1.087),
 }
 
 
@@ -108,8 +107,7 @@ def pick_client_cpus(cfg: ResolvedConfig, cpus: int | None = None) -> float:
     ``sample_size()`` clients stand for any round): one after another,
     ``sum(ThreadProfile.sequential(cpus))``; in parallel, the time until the last of the
     ``ThreadProfile.parallel()`` calls ends when ``cpus`` actors take them in client order. The
-    single-thread layout is picked only when its estimate is lower (the profiles are still
-    provisional, see :data:`THREAD_PROFILES`). Kept as before (2 CPUs per
+    single-thread layout is picked only when its estimate is lower (:data:`THREAD_PROFILES`). Kept as before (2 CPUs per
     client, the old default): a Ray cluster (``ray_address``: its nodes are not known before
     joining) and clients with GPUs. One client at a time with every CPU: one CPU, or a model without
     a measured profile. The same config on the same machine always gives the same pick; the

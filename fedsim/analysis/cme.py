@@ -31,7 +31,7 @@ import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -662,10 +662,11 @@ def decide_verdict(
     groups = [[p for p in others if p.model == m] for m in sorted({p.model for p in others} - {s.model})]
     hit = exploding_round(s, same_model, groups, update_norms)
     if hit is not None:
-        r, excess, gap = hit
+        r, excess, gap, names = hit
+        also = " and its update norm" if "update_norm" in names else ""
         return Verdict(DIVERGED, "magnitude_excess", excess, (-gap, gap),
                        f"exploding: in round {r} its head CME magnitude is {np.exp(excess):.3g}x the largest other {s.model} client's "
-                       f"(log excess {excess:.2f} beyond the others' own gap {gap:.2f}), and so is its jump fraction")  # fmt: skip
+                       f"(log excess {excess:.2f} beyond the gap other clients of one model had so far, {gap:.2f}), and so are its jump fraction{also}")  # fmt: skip
 
     usable = int((s.epochs >= min_epochs).sum())
     vband = s.acf_variation_head_band
@@ -716,14 +717,24 @@ def decide_verdict(
                    f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning")  # fmt: skip
 
 
+class ExplodingRound(NamedTuple):
+    """:func:`exploding_round`'s finding."""
+
+    round: int
+    excess: float
+    gap: float
+    statistics: tuple[str, ...]
+
+
 def exploding_round(
     stats: ClientStatistics,
     others: Sequence[ClientStatistics],
     groups: Sequence[Sequence[ClientStatistics]] = (),
     update_norms: Mapping[int, Mapping[int, float]] | None = None,
-) -> tuple[int, float, float] | None:
+) -> ExplodingRound | None:
     """The first round in which the client's head *explodes* relative to the other clients of its
-    model (``others``), as ``(round, log excess, null gap)``, or ``None``.
+    model (``others``), as :class:`ExplodingRound` ``(round, log excess, null gap, statistics)``
+    (excess and gap of the head CME magnitude; the statistics that all exceeded), or ``None``.
 
     For each per-round statistic on a log scale -- the head CME magnitude, the jump fraction and,
     when ``update_norms`` (``{client: {round: norm}}``, the server's ``update_norm`` from
@@ -779,7 +790,7 @@ def exploding_round(
     if hit.size == 0:
         return None
     j = int(hit[0])
-    return int(common[j]), float(excess_mag[j]), float(gap_mag[j])
+    return ExplodingRound(int(common[j]), float(excess_mag[j]), float(gap_mag[j]), tuple(names))
 
 
 def magnitude_rank_test(

@@ -447,7 +447,9 @@ def test_the_update_norm_must_corroborate_an_exploding_head():
     assert decide_verdict(boom, peers, update_norms=calm).verdict != DIVERGED
     wild = {**calm, 0: {1: 1.0, 2: 1e4, 3: 1.0, 4: 1.0}}
     hit = exploding_round(boom, peers, update_norms=wild)
-    assert hit is not None and hit[0] == 2
+    assert hit is not None and hit[0] == 2 and hit.statistics == ("magnitude", "jump_fraction", "update_norm")
+    v = decide_verdict(boom, peers, update_norms=wild)
+    assert v.verdict == DIVERGED and "in round 2" in v.reason and "its jump fraction and its update norm" in v.reason
     # update norms that do not cover every client are not used
     assert exploding_round(boom, peers, update_norms={0: calm[0]}) is not None
 

@@ -5,7 +5,7 @@ Both runs use the same config (models, data, epochs, seed) and the same task cod
 process (equal-weighted averaging of the shared parameters, client models kept in memory), with
 no Flower and no Ray, one client after another with torch's default thread count (all cores):
 the loop a PyTorch user would write. fedsim runs with the client layout it picks by default
-(``--client-cpus`` unset; :func:`fedsim.simulation.pick_client_cpus`) unless ``--client-cpus`` is
+(``--client-cpus`` unset; :func:`fedsim.clients.layout.pick_client_cpus`) unless ``--client-cpus`` is
 given. The runs alternate (fedsim, plain, fedsim, plain, ...) ``--repeat`` times; the ratio is
 the median of fedsim / plain over the pairs.
 

@@ -111,7 +111,7 @@ class RunConfig:
     global_test_fraction: float = 0.15
     local_test_fraction: float = 0.2
     #: CPUs (torch threads) per client actor; None = picked for this machine and these models
-    #: (:func:`fedsim.simulation.pick_client_cpus`), the pick recorded in the resolved config.
+    #: (:func:`fedsim.clients.layout.pick_client_cpus`), the pick recorded in the resolved config.
     client_cpus: float | None = None
     client_gpus: float | None = None
     node_timeout: float = 120.0

@@ -46,7 +46,7 @@ def resolve_config(cfg: RunConfig) -> ResolvedConfig:
     resolved = ResolvedConfig(**values)
     check_names(resolved)
     if cfg.client_cpus is None:  # the client layout for this machine and these models
-        from fedsim.simulation import pick_client_cpus
+        from fedsim.clients.layout import pick_client_cpus
 
         resolved = dataclasses.replace(resolved, client_cpus=pick_client_cpus(resolved))
     return resolved

@@ -26,12 +26,20 @@ ARRAYS_KEY = "arrays"
 def update_norm(sent: ArrayRecord, got: ArrayRecord) -> float:
     """``||got - sent||_2`` over the arrays both records hold (float64 accumulation); ``inf`` when
     the difference is not finite (a diverged client); ``nan`` when they share no array."""
+    return _norm_against(_float64(sent), got)
+
+
+def _float64(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy().astype(np.float64, copy=False) for k, a in record.items()}
+
+
+def _norm_against(sent: Mapping[str, np.ndarray], got: ArrayRecord) -> float:
     keys = [k for k in got if k in sent]
     if not keys:
         return float("nan")
     total = 0.0
     for k in keys:
-        d = got[k].numpy().astype(np.float64, copy=False) - sent[k].numpy().astype(np.float64, copy=False)
+        d = got[k].numpy().astype(np.float64, copy=False) - sent[k]
         total += float(np.sum(d * d))
     return float(np.sqrt(total)) if np.isfinite(total) else float("inf")
 
@@ -59,6 +67,8 @@ class UpdateNormLog:
         if not self._sent:
             return
         norms: dict[int, float] = {}
+        # Flower's strategies send one ArrayRecord to every node of a round: convert it once, not per reply
+        converted: dict[int, dict[str, np.ndarray]] = {}
         for m in replies:
             sent = self._sent.get(m.metadata.src_node_id)
             if sent is None or m.has_error() or m.metadata.message_type != MessageType.TRAIN:
@@ -66,7 +76,9 @@ class UpdateNormLog:
             got = m.content.array_records.get(ARRAYS_KEY)
             pid = self._partition_of.get(m.metadata.src_node_id)
             if got is not None and pid is not None:
-                norms[pid] = update_norm(sent, got)
+                if id(sent) not in converted:
+                    converted[id(sent)] = _float64(sent)
+                norms[pid] = _norm_against(converted[id(sent)], got)
         self._sent = {}
         if norms:
             self._on_norms(norms)

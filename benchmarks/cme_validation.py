@@ -86,13 +86,27 @@ def timing(repeat: int) -> dict[str, Any]:
     return out
 
 
+def _seeds(text: str) -> int | tuple[int, ...]:
+    """``"10"`` -> 10 (seeds 0..9); ``"30-39"`` -> (30, ..., 39)."""
+    first, dash, last = text.partition("-")
+    try:
+        if not dash:
+            return int(first)
+        lo, hi = int(first), int(last)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes N or A-B, got {text!r}") from None
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"--seeds A-B needs A <= B, got {text!r}")
+    return tuple(range(lo, hi + 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedsim.study import cme_validation as cv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="default", choices=list(cv.SIZES), help="study size (default: %(default)s)")
     p.add_argument("--out", default="runs/cme-validation", help="output folder; an interrupted study there is resumed")
-    p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: the size's)")
+    p.add_argument("--seeds", type=_seeds, help="N (seeds 0..N-1) or A-B (seeds A..B, e.g. fresh held-out seeds); default: the size's")
     p.add_argument("--loo", choices=cv.LOO_MODES, help="leave-one-out runs (default: the size's, 'faulty')")
     p.add_argument(
         "--faults",

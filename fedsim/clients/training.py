@@ -82,12 +82,21 @@ class LocalTraining:
       per batch, and returns the epoch's metrics;
     * ``finish``: ``finish(history)`` returns the metrics to report from the per-epoch ones (and may
       restore other weights, e.g. the best epoch's); default: the last epoch's.
+    * ``received``: optional; ``received()`` evaluates the model *as received*, before the first
+      local step, on the client's training split with the labels the client holds, and returns
+      e.g. ``{"loss": ..., "accuracy": ...}`` (reported as ``received-loss``, ...). It is the
+      global model's loss on the client's own labels (the statistic Power-of-Choice client
+      selection ranks clients by): unlike the last epoch's training loss it does not depend on
+      how far the client's own training got, so a client whose labels disagree with what the
+      federation learned stands out from peers that merely learned less (docs/cme-validation.md).
+      It must not touch the global random generators (training stays bit-identical).
     """
 
     num_examples: int
     optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
     epoch: Callable[[int, TrainStep], Metrics]
     finish: Callable[[list[Metrics]], Metrics] | None = None
+    received: Callable[[], Metrics] | None = None
 
 
 def run_local_epochs(
@@ -106,8 +115,10 @@ def run_local_epochs(
     parameters named in ``anchor`` (the weights received from the server this round);
     ``lr_scale`` multiplies the learning rate of every step (fault injection). The
     callbacks are always called: ``on_train_start`` before the first epoch, ``on_epoch_end`` after
-    each, ``on_train_end`` after ``plan.finish``.
+    each, ``on_train_end`` after ``plan.finish``. ``plan.received`` (if any) runs first; its
+    metrics are reported with a ``received-`` prefix.
     """
+    received = plan.received() if plan.received is not None else {}
     model.to(device).train()
     step = TrainStep(plan.optimizer(model.parameters()), ProximalTerm(model, anchor, proximal_mu, device), lr_scale)
     for cb in callbacks:
@@ -119,6 +130,7 @@ def run_local_epochs(
         for cb in callbacks:
             cb.on_epoch_end(model, info, epoch, metrics)
     result = plan.finish(history) if plan.finish is not None else dict(history[-1]) if history else {}
+    result.update({f"received-{k}": v for k, v in received.items()})
     for cb in callbacks:
         cb.on_train_end(model, info)
     return result

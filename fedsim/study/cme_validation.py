@@ -149,11 +149,14 @@ SIZES: dict[str, StudySize] = {
 }
 
 
-def size_for(name: str, seeds: int | None = None, loo: str | None = None) -> StudySize:
-    """The study size ``name`` (:data:`SIZES`), with ``seeds`` (0..N-1) and ``loo`` overridden when given."""
+def size_for(name: str, seeds: int | Sequence[int] | None = None, loo: str | None = None) -> StudySize:
+    """The study size ``name`` (:data:`SIZES`), with ``seeds`` (a count ``N``: seeds 0..N-1; or the
+    seeds themselves) and ``loo`` overridden when given."""
     size = SIZES[name]
-    if seeds:
+    if isinstance(seeds, int) and seeds > 0:
         size = dataclasses.replace(size, seeds=tuple(range(seeds)))
+    elif seeds and not isinstance(seeds, int):
+        size = dataclasses.replace(size, seeds=tuple(int(s) for s in seeds))
     if loo:
         size = dataclasses.replace(size, loo=loo)
     return size
@@ -215,6 +218,7 @@ class Condition:
             models=tuple(models[k % len(models)] for k in range(n)),
             server_model=SERVER_MODEL,
             client_cpus=1.0,
+            task_options=(("received-eval", "true"),),  # a candidate label statistic; training is unchanged
         )
         return cfg if self.spec is None else with_fault(cfg, self.spec)
 

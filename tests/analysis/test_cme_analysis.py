@@ -377,8 +377,9 @@ def test_weak_when_its_training_labels_disagree_with_its_model():
     assert {v.verdict for v in decide_verdicts(stats).values()} == {DOMINANT}
     verdicts = decide_verdicts(stats, metrics_rows=rows)
     v = verdicts[1]
-    assert v.verdict == WEAK and v.statistic.startswith(LABEL_STATISTIC) and v.value == 12
-    assert "highest of 3 clients in 4 of 4 rounds" in v.reason
+    # the label test weighs round i by i: rank 3 in rounds 1-4 sums to 3 x (1 + 2 + 3 + 4) = 30
+    assert v.verdict == WEAK and v.statistic.startswith(LABEL_STATISTIC) and v.value == 30
+    assert "highest of 3 clients in 4 of 4 rounds" in v.reason and "train loss 1.36 in round 4 (others 1.1-1.15)" in v.reason
     assert verdicts[0].verdict == DOMINANT and verdicts[2].verdict == DOMINANT
     # a diverged client stays diverged whatever its labels
     assert decide_verdict(make_stats(client=1, nonfinite=0.5), stats, labels=label_tests(rows, LABEL_STATISTIC)[1]).verdict == DIVERGED

@@ -55,11 +55,17 @@ class BrainMRIOptions:
     """Task options (``--task-option key=value``); see the module docstring.
 
     * ``lr-decay``: per-federation-epoch learning-rate factor in (0, 1] (1 = constant);
-    * ``shift-round``: round from which training images take the next client's site style (0 = never).
+    * ``shift-round``: round from which training images take the next client's site style (0 = never);
+    * ``received-eval``: also report ``received-loss`` / ``received-accuracy`` every round: the
+      model as received, before local training, on (up to :data:`RECEIVED_EVAL_LIMIT` of) the
+      client's training images with the labels it holds (``train_received_loss`` in
+      ``metrics.jsonl``). Off by default: a forward pass more per round. The CME validation study
+      records it as a candidate label statistic (docs/cme-validation.md).
     """
 
     lr_decay: float = 1.0
     shift_round: int = 0
+    received_eval: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
@@ -172,10 +178,12 @@ class BrainMRITask(CohortTask):
                     g["lr"] = cfg.lr * decay ** (first + e - 1)
                 return constant_epoch(e, step)
 
+        received = _head(train_ds, RECEIVED_EVAL_LIMIT) if self.options(cfg).received_eval else None
         return LocalTraining(
             num_examples=len(train_ds),
             optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr, foreach=True),  # multi-tensor: faster on CPU too
             epoch=epoch,
+            received=None if received is None else lambda: evaluate_classifier(model, _eval_loader(received, private=True), device),
         )
 
     def evaluate_local(
@@ -195,5 +203,21 @@ def _dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     return TensorDataset(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), torch.from_numpy(labels))
 
 
-def _eval_loader(ds: TensorDataset) -> DataLoader:
-    return DataLoader(ds, batch_size=64, shuffle=False)
+def _eval_loader(ds: TensorDataset, private: bool = False) -> DataLoader:
+    """Batches of 64 in order. ``private``: iterating draws its worker seed from a generator of its
+    own, not from torch's global one (which dropout during training uses)."""
+    return DataLoader(ds, batch_size=64, shuffle=False, generator=torch.Generator() if private else None)
+
+
+#: The received model is evaluated on at most this many training images per round (evenly spaced
+#: over the training split, which is in cohort order): a forward pass only, so its cost stays
+#: bounded on large clients, and a mean over 256 images is precise enough to compare clients.
+RECEIVED_EVAL_LIMIT = 256
+
+
+def _head(ds: TensorDataset, n: int) -> TensorDataset:
+    """At most ``n`` samples of ``ds``, evenly spaced."""
+    if len(ds) <= n:
+        return ds
+    idx = torch.from_numpy(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))
+    return TensorDataset(*(t[idx] for t in ds.tensors))

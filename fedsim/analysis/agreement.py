@@ -7,16 +7,20 @@ half of its labels replaced by other classes, its training loss stays high altho
 loss (a clean test split) does not. So the verdict also uses the run's ``metrics.jsonl``:
 
 * :func:`client_series`: per client and round, its ``train_loss`` on its own training labels (used
-  by the verdict: in the study it separates label-noise clients with AUROC 1.00), or ``label_gap``
-  = ``train_loss - test_loss`` (a candidate: comparable across architectures, but weaker, because
-  the held-out loss of a small test split is noisy).
+  by the verdict: in the study it separates label-noise clients with AUROC 0.96-1.00),
+  ``received_loss`` (the model as received, before local training, on its training labels; task
+  option ``received-eval``: a candidate, as good in same-model federations and useless in mixed
+  ones, where only the head is shared), or ``label_gap`` = ``train_loss - test_loss`` (a candidate,
+  weaker, because the held-out loss of a small test split is noisy).
 * :func:`rank_sum_test`: the null is that clients are exchangeable: in every round each client's
-  rank among the ``K`` clients is uniform on ``1..K``, independently across rounds. The rank sum
-  over ``R`` rounds then has an exact distribution (the ``R``-fold convolution of the uniform
-  distribution), and its upper tail is the p-value of "this client is at the top more often than
-  chance". Used for the CME magnitude (lowest = weak contribution) and the train loss (highest =
-  disagreeing labels), each at half the verdict's one-sided level, so the two ``weak`` tests
-  together keep the level; :func:`clear_outlier` is their effect-size guard.
+  rank among the ``K`` clients is uniform on ``1..K``, independently across rounds. The (optionally
+  round-weighted, :data:`WEIGHTINGS`) rank sum over ``R`` rounds then has an exact distribution
+  (the ``R``-fold convolution of the scaled uniform distributions), and its upper tail is the
+  p-value of "this client is at the top more often than chance". Used for the update norm or CME
+  magnitude (lowest = weak contribution; flat) and the train loss (highest = disagreeing labels;
+  linear weights, since labels can only disagree with a model that has learned something), each at
+  half the verdict's one-sided level, so the two ``weak`` tests together keep the level;
+  :func:`clear_outlier` and :func:`outlier_on_average` are their effect-size guards.
 """
 
 from __future__ import annotations

@@ -638,13 +638,16 @@ def decide_verdict(
        (:func:`magnitude_rank_test`); or, given ``labels`` (the
        :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``, also among
        same-model clients), its training labels disagree with its own model more than the other
-       clients' do. Null for both:
+       clients' do (its train loss is the highest; the rounds weighted ``1, 2, 3, ...``, see
+       :data:`LABEL_WEIGHTING`). Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an
-       effect-size guard that only makes them more conservative, the client must be an outlier both
-       in the last round and in its median over the rounds, further from its peers than healthy
-       clients of any one model group of the run are apart
-       (:func:`~fedsim.analysis.agreement.clear_outlier`) -- the sec. 3.2
+       effect-size guard that only makes them more conservative, the client must be further from
+       its peers than healthy clients of any one model group of the run are apart: for the
+       contribution test both in the last round and in its median over the rounds
+       (:func:`~fedsim.analysis.agreement.clear_outlier`), for the label test on average over
+       the rounds with the test's weights (:func:`~fedsim.analysis.agreement.outlier_on_average`)
+       -- the sec. 3.2
        reading "minimal contribution", extended to wrong labels (docs/cme-validation.md: no CME
        statistic detects those; in 6-client mixed federations the update norm found every
        few-data AlexNet-skip client, the CME magnitude 1 in 10).

@@ -14,10 +14,12 @@ from fedsim.analysis.agreement import (
     client_series,
     label_tests,
     outlier_in_last_round,
+    outlier_on_average,
     outlier_overall,
     rank_sum_band,
     rank_sum_pvalue,
     rank_sum_test,
+    round_weights,
     update_tests,
 )
 
@@ -32,6 +34,33 @@ def test_rank_sum_pvalue_and_band_match_enumeration(clients, rounds):
     lo, hi = rank_sum_band(clients, rounds, coverage=0.8)
     assert np.mean(sums < lo) <= 0.1 < np.mean(sums <= lo)
     assert np.mean(sums > hi) <= 0.1 < np.mean(sums >= hi)
+
+
+@pytest.mark.parametrize(("clients", "weights"), [(3, (1, 2, 3, 4)), (2, (1, 2, 3, 4, 5)), (4, (2, 1, 3))])
+def test_weighted_rank_sum_pvalue_and_band_match_enumeration(clients, weights):
+    sums = np.array([np.dot(weights, c) for c in itertools.product(range(1, clients + 1), repeat=len(weights))])
+    for s in np.unique(sums):
+        assert rank_sum_pvalue(s, clients, len(weights), weights) == pytest.approx(np.mean(sums >= s))
+        assert rank_sum_pvalue(s - 0.5, clients, len(weights), weights) == pytest.approx(np.mean(sums >= s))  # rounded up
+    lo, hi = rank_sum_band(clients, len(weights), 0.8, weights)
+    assert np.mean(sums < lo) <= 0.1 < np.mean(sums <= lo)
+    assert np.mean(sums > hi) <= 0.1 < np.mean(sums >= hi)
+    with pytest.raises(ValueError, match="positive integer weights"):
+        rank_sum_pvalue(5, clients, len(weights), [0] * len(weights))
+
+
+def test_linear_weighting_counts_the_later_rounds_more():
+    np.testing.assert_array_equal(round_weights(4, "linear"), [1, 2, 3, 4])
+    np.testing.assert_array_equal(round_weights(3), [1, 1, 1])
+    with pytest.raises(ValueError, match="valid: flat, linear"):
+        round_weights(3, "late")
+    # bottom in rounds 1-2, top in rounds 3-5: flat sum 1+1+3+3+3 = 11; linear 1+2+9+12+15 = 39
+    own, peers = [0.0, 0.0, 3.0, 3.0, 3.0], [[1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]]
+    flat, linear = rank_sum_test(own, peers), rank_sum_test(own, peers, weighting="linear")
+    assert flat is not None and linear is not None
+    assert flat.rank_sum == 11 and linear.rank_sum == 39 and linear.weighting == "linear"
+    assert linear.p_value == pytest.approx(7 / 81) and flat.p_value == pytest.approx(32 / 81)  # enumerated by the test above
+    assert linear.band(0.8) == rank_sum_band(3, 5, 0.8, [1, 2, 3, 4, 5])
 
 
 def test_rank_sum_pvalue_refuses_degenerate_input():
@@ -114,6 +143,30 @@ def test_clear_outlier_needs_the_last_round_and_the_median_by_hand():
     # "low" mirrors it
     low = rank_sum_test([0.01, 0.02, 0.01], [[0.05, 0.05, 0.05], [0.06, 0.06, 0.06]], direction="low")
     assert low is not None and clear_outlier(low)
+
+
+def test_outlier_on_average_weighs_the_rounds_like_its_test_by_hand():
+    # per round: own - largest other = -0.05, 0.00, 0.25; others' range = 0.05, 0.05, 0.05
+    own, peers = [1.35, 1.30, 1.40], [[1.40, 1.30, 1.15], [1.35, 1.25, 1.10]]
+    # flat: mean excess 0.2 / 3 = 0.067 > mean range 0.05
+    flat = rank_sum_test(own, peers)
+    assert flat is not None and outlier_on_average(flat)
+    # linear: (-0.05 + 0 + 3 x 0.25) / 6 = 0.117 > 0.05 as well; a last round only 0.05 above is not
+    weak = rank_sum_test([1.35, 1.30, 1.20], peers, weighting="linear")
+    assert weak is not None and not outlier_on_average(weak)  # (-0.05 + 0 + 3 x 0.05) / 6 = 0.017 < 0.05
+    # the widest range of another model group counts per round: 0.5 apart in every round
+    wide = dataclasses.replace(flat, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.5, 2.5, 2.5]]),))
+    assert not outlier_on_average(wide)
+    # an early-round lead that fades is not an outlier under linear weights, but is under flat ones
+    # excess 0.25, 0.00, -0.05 with ranges 0.05: flat (0.25 + 0 - 0.05) / 3 = 0.067 > 0.05,
+    # linear (0.25 + 0 - 0.15) / 6 = 0.017 < 0.05
+    fading = ([1.45, 1.15, 1.10], [[1.20, 1.15, 1.15], [1.15, 1.10, 1.10]])
+    f, lin = rank_sum_test(*fading), rank_sum_test(*fading, weighting="linear")
+    assert f is not None and lin is not None
+    assert outlier_on_average(f) and not outlier_on_average(lin)
+    # with one peer there is no spread to compare with
+    one = rank_sum_test([5.0], [[1.0]])
+    assert one is not None and not outlier_on_average(one)
 
 
 def test_another_model_groups_spread_makes_the_guard_more_conservative():

@@ -13,6 +13,7 @@ from fedsim.analysis.agreement import label_tests, rank_sum_band
 from fedsim.analysis.cme import (
     DIVERGED,
     DOMINANT,
+    EXPLODING_UPDATE_RATIO,
     LABEL_STATISTIC,
     LEARNING,
     MIN_SAME_MODEL_PEERS,
@@ -446,6 +447,10 @@ def test_the_update_norm_must_corroborate_an_exploding_head():
     # the head's CME moved 10x, but its update (1.1) exceeds the larger peer's (1.0) by log 1.1 = 0.095 < log(1 / 0.9) = 0.105
     assert exploding_round(boom, peers, update_norms=calm) is None
     assert decide_verdict(boom, peers, update_norms=calm).verdict != DIVERGED
+    # beyond the peers' gap but not an order of magnitude: 5x the larger peer's update is no explosion
+    somewhat = {**calm, 0: {1: 1.0, 2: 5.0, 3: 1.0, 4: 1.0}}
+    assert EXPLODING_UPDATE_RATIO == 10 and exploding_round(boom, peers, update_norms=somewhat) is None
+    assert exploding_round(boom, peers, update_norms={**calm, 0: {1: 1.0, 2: 10.0, 3: 1.0, 4: 1.0}}) is not None
     wild = {**calm, 0: {1: 1.0, 2: 1e4, 3: 1.0, 4: 1.0}}
     hit = exploding_round(boom, peers, update_norms=wild)
     assert hit is not None and hit[0] == 2 and hit.statistics == ("magnitude", "jump_fraction", "update_norm")

@@ -55,3 +55,38 @@ def test_bad_options_are_refused():
         _cfg(task_options=(("lr-decay", "1.5"),))
     with pytest.raises(ConfigError, match="shift-round switches site styles, so it needs --site-styles"):
         TASK.check_data(dataclasses.replace(_cfg(), task_options=(("shift-round", "2"),)))
+
+
+def test_received_eval_reports_the_received_models_loss_and_leaves_training_unchanged():
+    """``received-eval``: the model as received, on the client's training images and labels,
+    before the first step; training (weights, metrics, the global RNG stream that dropout draws
+    from) is exactly what it is without the option."""
+    from fedsim.clients.training import evaluate_classifier
+
+    base, on = _cfg(), _cfg(task_options=(("received-eval", "true"),))
+    torch.manual_seed(0)
+    initial = TASK.build_model("small_cnn", base).state_dict()
+    train_ds, _ = TASK._client_datasets(base, 1, None)
+    runs = {}
+    for name, cfg in (("off", base), ("on", on)):
+        model = TASK.build_model("small_cnn", cfg)
+        model.load_state_dict(initial)
+        expected = evaluate_classifier(model, torch.utils.data.DataLoader(train_ds, batch_size=7), torch.device("cpu"))
+        torch.manual_seed(123)
+        result = TASK.train(model, cfg, 1, 1, torch.device("cpu"))
+        runs[name] = (result.metrics, model.state_dict(), torch.rand(1), expected)
+    (m_off, w_off, rng_off, _), (m_on, w_on, rng_on, expected) = runs["off"], runs["on"]
+    assert "received-loss" not in m_off
+    assert m_on["received-loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert m_on["received-accuracy"] == pytest.approx(expected["accuracy"])
+    assert {k: v for k, v in m_on.items() if not k.startswith("received-")} == m_off
+    assert all(torch.equal(w_on[k], w_off[k]) for k in w_off) and torch.equal(rng_on, rng_off)
+
+
+def test_received_eval_uses_evenly_spaced_images_of_a_large_client():
+    from fedsim.clients.tasks.brain_mri import _head
+
+    ds = torch.utils.data.TensorDataset(torch.arange(10), torch.arange(10) * 2)
+    sub = _head(ds, 4)
+    assert sub.tensors[0].tolist() == [0, 3, 6, 9] and sub.tensors[1].tolist() == [0, 6, 12, 18]  # linspace(0, 9, 4) rounded
+    assert _head(ds, 10) is ds

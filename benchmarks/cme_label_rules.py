@@ -1,0 +1,115 @@
+"""Score variants of the label-agreement ``weak`` test on a finished CME validation study.
+
+The verdict's label test (``fedsim.analysis.agreement``) is a rank-sum test of a per-round label
+statistic against the other clients of the same model, with an effect-size guard. This script
+re-scores the study's runs (``OUT/runs/*/study_record.json``, no retraining) under each
+combination of
+
+* statistic: ``train_loss`` (last local epoch, on the client's own labels) and, where the runs
+  recorded it (task option ``received-eval``), ``received_loss`` (the model as received, before
+  local training, on the same labels);
+* round weighting of the rank sum: ``flat`` or ``linear`` (:data:`~fedsim.analysis.agreement.WEIGHTINGS`);
+* guard: ``clear_outlier`` (last round and median over the rounds) or ``outlier_on_average``
+  (weighted mean over the rounds),
+
+at the verdict's level (2.5 %), and writes how many label-noise clients each finds and how many
+healthy clients it flags (the label test alone; the verdict adds the update-norm test and the
+``diverged`` rules). docs/cme-validation.md ("How the rule got here") quotes its output:
+
+    python benchmarks/cme_label_rules.py runs/cme-validation --seeds 0-29
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+NAME = re.compile(r"^(mixed|same-model)-s(\d+)-(fault-free|c(\d+)-([a-z-]+)-[0-9.e+]+)$")
+RESULTS = Path(__file__).resolve().parent / "results" / "cme-validation"
+
+
+#: The conditions of the issue's bar (the study's other levels and kinds are left out by default).
+CONDITIONS = ("fault-free", "few-data-0.1", "label-noise-0.5", "free-rider-0.01", "diverge-10000")
+
+
+def load(
+    out: Path, seeds: range, conditions: tuple[str, ...] = CONDITIONS
+) -> dict[str, tuple[str, int, int | None, str, list[dict[str, Any]]]]:
+    """``{run: (style, seed, faulty client, fault kind, metrics rows)}`` of the study's main runs."""
+    runs = {}
+    for d in sorted((out / "runs").iterdir()):
+        m = NAME.match(d.name)
+        rec = d / "study_record.json"
+        if not m or not rec.exists() or int(m.group(2)) not in seeds:
+            continue
+        if not any(d.name.endswith("-" + c) for c in conditions):
+            continue
+        runs[d.name] = (
+            m.group(1),
+            int(m.group(2)),
+            int(m.group(4)) if m.group(4) else None,
+            m.group(5) or "none",
+            json.loads(rec.read_text())["metrics"],
+        )
+    return runs
+
+
+def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, level: float = 0.025) -> dict[tuple[str, str], list[int]]:
+    """``{(style, "label-noise" | "healthy"): [flagged, clients]}``; other faulty clients are skipped."""
+    from fedsim.analysis import agreement as ag
+
+    check = {"clear_outlier": ag.clear_outlier, "outlier_on_average": ag.outlier_on_average}[guard]
+    out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for style, _, faulty, kind, rows in runs.values():
+        for client, test in ag.label_tests(rows, statistic, weighting=weighting).items():
+            if client == faulty and kind != "label-noise":
+                continue
+            hit = test is not None and test.p_value <= level and check(test)
+            cell = out[(style, "label-noise" if client == faulty else "healthy")]
+            cell[0] += int(hit)
+            cell[1] += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedsim.analysis.agreement import WEIGHTINGS, has_statistic
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="the study's --out folder")
+    p.add_argument("--seeds", default="0-29", help="A-B: the seeds to score (default: %(default)s)")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="run-name suffixes to score (default: %(default)s)")
+    p.add_argument("--write", type=Path, help=f"also write the table as markdown (e.g. {RESULTS / 'label-rules.md'})")
+    args = p.parse_args(argv)
+    lo, _, hi = args.seeds.partition("-")
+    runs = load(args.out, range(int(lo), int(hi or lo) + 1), tuple(args.conditions.split(",")))
+    if not runs:
+        p.error(f"no finished study runs for seeds {args.seeds} in {args.out / 'runs'}")
+    rows_all = [r for v in runs.values() for r in v[4]]
+    stats = ["train_loss"] + (["received_loss"] if has_statistic(rows_all, "received_loss") else [])
+    cols = [(s, k) for s in ("same-model", "mixed") for k in ("label-noise", "healthy")]
+    lines = [
+        f"Label test variants, seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `python benchmarks/cme_label_rules.py {args.out} --seeds {args.seeds}`)",
+        "",
+        "| statistic | weighting | guard | " + " | ".join(f"{s} {k}" for s, k in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for stat in stats:
+        for weighting in WEIGHTINGS:
+            for guard in ("clear_outlier", "outlier_on_average"):
+                res = score({k: v for k, v in runs.items() if has_statistic(v[4], stat)}, stat, weighting, guard)
+                cells = [f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols]
+                lines.append(f"| {stat} | {weighting} | {guard} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        args.write.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ from fedsim.analysis.agreement import (
     outlier_in_last_round,
     outlier_on_average,
     outlier_overall,
+    pooled_spread,
     rank_sum_band,
     rank_sum_pvalue,
     rank_sum_test,
@@ -173,9 +174,14 @@ def test_another_model_groups_spread_makes_the_guard_more_conservative():
     # 0.8 vs peers 1.0 / 1.05: 0.2 below, peers 0.05 apart -> an outlier among its own model
     t = rank_sum_test([0.8, 0.8, 0.8], [[1.0, 1.0, 1.0], [1.05, 1.05, 1.05]], direction="low")
     assert t is not None and clear_outlier(t)
-    # another model's clients are 0.3 apart: healthy clients can differ that much
-    wide = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.3, 2.3, 2.3], [2.1, 2.1, 2.1]]),))
+    # another model's clients are 0.5 apart: pooled with the peers' 0.05, healthy clients are
+    # (0.05 + 0.5) / 2 = 0.275 apart, more than the client's 0.2
+    wide = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.5, 2.5, 2.5], [2.1, 2.1, 2.1]]),))
     assert not outlier_in_last_round(wide) and not outlier_overall(wide) and not clear_outlier(wide)
+    # the spreads are pooled (mean), not the largest taken: 0.3 apart gives (0.05 + 0.3) / 2 = 0.175 < 0.2
+    mid = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.3, 2.3, 2.3]]),))
+    assert clear_outlier(mid)
+    np.testing.assert_allclose(pooled_spread(np.array([[1.0, 2.0], [1.05, 2.5]]), [np.array([0.3, 0.1])]), [0.175, 0.3])
     narrow = dataclasses.replace(t, spread_groups=(np.array([[2.0, 2.0, 2.0], [2.1, 2.1, 2.1]]),))
     assert clear_outlier(narrow)
 

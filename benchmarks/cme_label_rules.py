@@ -10,7 +10,9 @@ combination of
   local training, on the same labels);
 * round weighting of the rank sum: ``flat`` or ``linear`` (:data:`~fedsim.analysis.agreement.WEIGHTINGS`);
 * guard: ``clear_outlier`` (last round and median over the rounds) or ``outlier_on_average``
-  (weighted mean over the rounds),
+  (weighted mean over the rounds), each with the run's between-client spread pooled as the mean
+  of the model groups' ranges (:func:`~fedsim.analysis.agreement.pooled_spread`, the verdict's),
+  and ``outlier_on_average/max`` with the largest range instead (the rule before seeds 40-49),
 
 at the verdict's level (2.5 %), and writes how many label-noise clients each finds and how many
 healthy clients it flags (the label test alone; the verdict adds the update-norm test and the
@@ -59,11 +61,26 @@ def load(
     return runs
 
 
+def _on_average_max(test: Any) -> bool:
+    """``outlier_on_average`` with the largest range of any model group as the spread."""
+    import numpy as np
+
+    from fedsim.analysis.agreement import round_weights
+
+    if test.peers.shape[0] < 2 or len(test.own) == 0:
+        return False
+    w = round_weights(len(test.own), test.weighting).astype(np.float64)
+    spread = np.max(np.stack([np.ptp(test.peers, axis=0), *(np.ptp(g, axis=0) for g in test.spread_groups)]), axis=0)
+    return float(np.average(test.own - test.peers.max(axis=0), weights=w)) > float(np.average(spread, weights=w))
+
+
 def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, level: float = 0.025) -> dict[tuple[str, str], list[int]]:
     """``{(style, "label-noise" | "healthy"): [flagged, clients]}``; other faulty clients are skipped."""
     from fedsim.analysis import agreement as ag
 
-    check = {"clear_outlier": ag.clear_outlier, "outlier_on_average": ag.outlier_on_average}[guard]
+    check = {"clear_outlier": ag.clear_outlier, "outlier_on_average": ag.outlier_on_average, "outlier_on_average/max": _on_average_max}[
+        guard
+    ]
     out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for style, _, faulty, kind, rows in runs.values():
         for client, test in ag.label_tests(rows, statistic, weighting=weighting).items():
@@ -100,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for stat in stats:
         for weighting in WEIGHTINGS:
-            for guard in ("clear_outlier", "outlier_on_average"):
+            for guard in ("clear_outlier", "outlier_on_average/max", "outlier_on_average"):
                 res = score({k: v for k, v in runs.items() if has_statistic(v[4], stat)}, stat, weighting, guard)
                 cells = [f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols]
                 lines.append(f"| {stat} | {weighting} | {guard} | " + " | ".join(cells) + " |")

@@ -84,12 +84,13 @@ class LocalTraining:
       restore other weights, e.g. the best epoch's); default: the last epoch's.
     * ``received``: optional; ``received()`` evaluates the model *as received*, before the first
       local step, on the client's training split with the labels the client holds, and returns
-      e.g. ``{"loss": ..., "accuracy": ...}`` (reported as ``received-loss``, ...). It is the
-      global model's loss on the client's own labels (the statistic Power-of-Choice client
-      selection ranks clients by): unlike the last epoch's training loss it does not depend on
-      how far the client's own training got, so a client whose labels disagree with what the
-      federation learned stands out from peers that merely learned less (docs/cme-validation.md).
-      It must not touch the global random generators (training stays bit-identical).
+      e.g. ``{"loss": ..., "accuracy": ...}`` (reported as ``received-loss``, ...): the global
+      model's loss on the client's own labels, the statistic Power-of-Choice client selection
+      ranks clients by. Where the whole model is shared it does not depend on how far the
+      client's own training got; as a label-noise statistic the validation study found it no
+      better than the train loss, and useless where only the head is shared
+      (docs/cme-validation.md). It must not touch the global random generators (training stays
+      bit-identical).
     """
 
     num_examples: int

@@ -84,9 +84,9 @@ def test_received_eval_reports_the_received_models_loss_and_leaves_training_unch
 
 
 def test_received_eval_uses_evenly_spaced_images_of_a_large_client():
-    from fedsim.clients.tasks.brain_mri import _head
+    from fedsim.clients.tasks.brain_mri import _evenly_spaced
 
     ds = torch.utils.data.TensorDataset(torch.arange(10), torch.arange(10) * 2)
-    sub = _head(ds, 4)
+    sub = _evenly_spaced(ds, 4)
     assert sub.tensors[0].tolist() == [0, 3, 6, 9] and sub.tensors[1].tolist() == [0, 6, 12, 18]  # linspace(0, 9, 4) rounded
-    assert _head(ds, 10) is ds
+    assert _evenly_spaced(ds, 10) is ds

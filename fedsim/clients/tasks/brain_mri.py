@@ -178,7 +178,7 @@ class BrainMRITask(CohortTask):
                     g["lr"] = cfg.lr * decay ** (first + e - 1)
                 return constant_epoch(e, step)
 
-        received = _head(train_ds, RECEIVED_EVAL_LIMIT) if self.options(cfg).received_eval else None
+        received = _evenly_spaced(train_ds, RECEIVED_EVAL_LIMIT) if self.options(cfg).received_eval else None
         return LocalTraining(
             num_examples=len(train_ds),
             optimizer=lambda params: torch.optim.Adam(params, lr=cfg.lr, foreach=True),  # multi-tensor: faster on CPU too
@@ -215,7 +215,7 @@ def _eval_loader(ds: TensorDataset, private: bool = False) -> DataLoader:
 RECEIVED_EVAL_LIMIT = 256
 
 
-def _head(ds: TensorDataset, n: int) -> TensorDataset:
+def _evenly_spaced(ds: TensorDataset, n: int) -> TensorDataset:
     """At most ``n`` samples of ``ds``, evenly spaced."""
     if len(ds) <= n:
         return ds

@@ -12,7 +12,8 @@ combination of
 * guard: ``clear_outlier`` (last round and median over the rounds) or ``outlier_on_average``
   (weighted mean over the rounds), each with the run's between-client spread pooled as the mean
   of the model groups' ranges (:func:`~fedsim.analysis.agreement.pooled_spread`, the verdict's),
-  and ``outlier_on_average/max`` with the largest range instead (the rule before seeds 40-49),
+  and ``clear_outlier/max`` / ``outlier_on_average/max`` with the largest range instead (the
+  rules before seeds 40-49),
 
 at the verdict's level (2.5 %), and writes how many label-noise clients each finds and how many
 healthy clients it flags (the label test alone; the verdict adds the update-norm test and the
@@ -74,13 +75,32 @@ def _on_average_max(test: Any) -> bool:
     return float(np.average(test.own - test.peers.max(axis=0), weights=w)) > float(np.average(spread, weights=w))
 
 
+def _clear_outlier_max(test: Any) -> bool:
+    """``clear_outlier`` with the largest range of any model group as the spread."""
+    import numpy as np
+
+    if test.peers.shape[0] < 2 or len(test.own) == 0:
+        return False
+
+    def beyond(x: float, peers: np.ndarray, spreads: list[float]) -> bool:
+        spread = max([float(np.ptp(peers)), *spreads])
+        return x - float(peers.max()) > spread if test.direction == "high" else float(peers.min()) - x > spread
+
+    last = beyond(float(test.own[-1]), test.peers[:, -1], [float(np.ptp(g[:, -1])) for g in test.spread_groups])
+    med = [float(np.ptp(np.median(g, axis=1))) for g in test.spread_groups]
+    return last and beyond(float(np.median(test.own)), np.median(test.peers, axis=1), med)
+
+
 def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, level: float = 0.025) -> dict[tuple[str, str], list[int]]:
     """``{(style, "label-noise" | "healthy"): [flagged, clients]}``; other faulty clients are skipped."""
     from fedsim.analysis import agreement as ag
 
-    check = {"clear_outlier": ag.clear_outlier, "outlier_on_average": ag.outlier_on_average, "outlier_on_average/max": _on_average_max}[
-        guard
-    ]
+    check = {
+        "clear_outlier": ag.clear_outlier,
+        "outlier_on_average": ag.outlier_on_average,
+        "outlier_on_average/max": _on_average_max,
+        "clear_outlier/max": _clear_outlier_max,
+    }[guard]
     out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for style, _, faulty, kind, rows in runs.values():
         for client, test in ag.label_tests(rows, statistic, weighting=weighting).items():
@@ -117,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for stat in stats:
         for weighting in WEIGHTINGS:
-            for guard in ("clear_outlier", "outlier_on_average/max", "outlier_on_average"):
+            for guard in ("clear_outlier/max", "clear_outlier", "outlier_on_average/max", "outlier_on_average"):
                 res = score({k: v for k, v in runs.items() if has_statistic(v[4], stat)}, stat, weighting, guard)
                 cells = [f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols]
                 lines.append(f"| {stat} | {weighting} | {guard} | " + " | ".join(cells) + " |")

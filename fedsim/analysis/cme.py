@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedsim.analysis.agreement import RankTest, clear_outlier, label_tests, outlier_on_average, rank_sum_test, update_tests
+from fedsim.analysis.agreement import RankTest, label_tests, outlier_on_average, rank_sum_test, update_tests
 from fedsim.cme.archive import CMEArchive, RoundCME
 from fedsim.cme.schema import FIELD, LAG_GROUP_FIELDS
 
@@ -643,10 +643,8 @@ def decide_verdict(
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an
        effect-size guard that only makes them more conservative, the client must be further from
-       its peers than healthy clients of any one model group of the run are apart: for the
-       contribution test both in the last round and in its median over the rounds
-       (:func:`~fedsim.analysis.agreement.clear_outlier`), for the label test on average over
-       the rounds with the test's weights (:func:`~fedsim.analysis.agreement.outlier_on_average`)
+       its peers than healthy clients of the run's model groups are apart, on average over the
+       rounds with the test's weights (:func:`~fedsim.analysis.agreement.outlier_on_average`)
        -- the sec. 3.2
        reading "minimal contribution", extended to wrong labels (docs/cme-validation.md: no CME
        statistic detects those; in 6-client mixed federations the update norm found every
@@ -704,13 +702,13 @@ def decide_verdict(
                        f"has {len(same_model)} (architectures differ systematically in head magnitude and training loss){acf}")  # fmt: skip
     alpha = (1 - coverage) / 4  # the one-sided level (1 - coverage) / 2, split between the two weak tests
     test = updates if updates is not None else magnitude_rank_test(s, same_model, groups)
-    if test is not None and test.p_value <= alpha and clear_outlier(test):
+    if test is not None and test.p_value <= alpha and outlier_on_average(test):
         own, peer_med = float(np.exp(np.median(test.own))), np.exp(np.median(test.peers, axis=1))
         what, stat = ("update norm", "update_norm_rank_sum") if test is updates else ("head CME magnitude", "magnitude_rank_sum")
         return Verdict(WEAK, stat, test.rank_sum, test.band(coverage),
                        f"{what} {_fmt(own)} (median) lowest of {test.clients} {s.model} clients in {test.top_rounds} of "
                        f"{len(test.ranks)} rounds (others {_fmt(float(np.min(peer_med)))}-{_fmt(float(np.max(peer_med)))}); "
-                       f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; in the last round and over the run "
+                       f"rank-sum p = {test.p_value:.2g} <= {alpha:.3g} if clients were alike; on average over the rounds "
                        "further below the others than healthy clients are apart (as a ratio)")  # fmt: skip
     if labels is not None and labels.p_value <= alpha and outlier_on_average(labels):
         last, peer_last = float(labels.own[-1]), labels.peers[:, -1]
@@ -823,7 +821,7 @@ def magnitude_rank_test(
     peers or common rounds.
 
     The ranks and the p-value do not depend on the scale, but the effect-size guard
-    (:func:`~fedsim.analysis.agreement.clear_outlier`: further below the others than they are
+    (:func:`~fedsim.analysis.agreement.outlier_on_average`: further below the others than they are
     apart) does: a magnitude is a ratio (``|dw / w|``), so "apart" is measured as a ratio too. On
     the linear scale, one peer whose magnitude halved in the last round hid a client 3x below both
     peers in every round (docs/cme-validation.md). ``groups``: the run's other model groups, whose

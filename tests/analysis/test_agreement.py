@@ -170,6 +170,25 @@ def test_outlier_on_average_weighs_the_rounds_like_its_test_by_hand():
     assert one is not None and not outlier_on_average(one)
 
 
+def test_outlier_on_average_low_is_below_the_smallest_other_by_hand():
+    # log update norms: own - smallest other = -0.7, -0.7, -0.2 (a last round only 0.2 below)
+    own, peers = [-1.0, -1.0, -0.5], [[-0.3, -0.2, -0.3], [-0.2, -0.3, -0.25]]
+    t = rank_sum_test(own, peers, direction="low")
+    assert t is not None
+    # below the smallest other by (0.7 + 0.7 + 0.2) / 3 = 0.533 > mean range (0.1 + 0.1 + 0.05) / 3 = 0.083
+    assert outlier_on_average(t)
+    # the last-round guard of clear_outlier needs 0.2 > 0.05 there too, but not with a wider last round
+    wide_last = rank_sum_test(own, [[-0.3, -0.2, -0.3], [-0.2, -0.3, 0.0]], direction="low")
+    assert wide_last is not None and outlier_on_average(wide_last) and not clear_outlier(wide_last)
+    # another model group 1.2 apart in every round: pooled spread (0.1 + 1.2) / 2, 0.65, (0.05 + 1.2) / 2,
+    # mean 0.642 > 0.533 -> not an outlier
+    wide = dataclasses.replace(t, spread_groups=(np.array([[0.0, 0.0, 0.0], [1.2, 1.2, 1.2]]),))
+    assert not outlier_on_average(wide)
+    # the highest client is not below anyone
+    high = rank_sum_test([0.5, 0.5, 0.5], peers, direction="low")
+    assert high is not None and not outlier_on_average(high)
+
+
 def test_another_model_groups_spread_makes_the_guard_more_conservative():
     # 0.8 vs peers 1.0 / 1.05: 0.2 below, peers 0.05 apart -> an outlier among its own model
     t = rank_sum_test([0.8, 0.8, 0.8], [[1.0, 1.0, 1.0], [1.05, 1.05, 1.05]], direction="low")

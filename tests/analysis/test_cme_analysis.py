@@ -362,8 +362,16 @@ def test_the_magnitude_guard_compares_ratios():
     v = decide_verdict(weak, peers)
     # medians on the log scale: sqrt(0.022 x 0.019) = 0.0204; peers sqrt(0.059 x 0.063) = 0.0610, sqrt(0.060 x 0.066) = 0.0629
     assert v.verdict == WEAK and "head CME magnitude 0.0204 (median)" in v.reason and "(others 0.061-0.0629)" in v.reason
-    # a client only as far below as the peers are apart (ratio 1.4 vs 1.6) is not
-    assert decide_verdict(make_stats(client=0, magnitude=[0.05, 0.042, 0.045, 0.024], variation=0.5), peers).verdict == LEARNING
+    # lowest in every round too, but on average only a ratio of exp(0.059) below the nearer peer
+    # (per round 0.070/0.068, 0.059/0.057, 0.063/0.060, 0.034/0.030), while the peers are on average
+    # exp(0.135) apart (0.071/0.070, 0.060/0.059, 0.066/0.063, 0.054/0.034): not weak
+    close = make_stats(client=0, magnitude=[0.068, 0.057, 0.060, 0.030], variation=0.5)
+    close_test = magnitude_rank_test(close, peers)
+    assert close_test is not None and close_test.rank_sum == 12
+    assert decide_verdict(close, peers).verdict == LEARNING
+    # 1.4x below the nearer peer in every round (log 0.34 on average > 0.135) is weak, though in the
+    # last round the peers are 1.6x apart: the guard looks at the run, not at its last round
+    assert decide_verdict(make_stats(client=0, magnitude=[0.05, 0.042, 0.045, 0.024], variation=0.5), peers).verdict == WEAK
 
 
 def test_weak_when_its_training_labels_disagree_with_its_model():

@@ -1,9 +1,10 @@
-"""Score variants of the label-agreement ``weak`` test on a finished CME validation study.
+"""Score variants of the two ``weak`` tests on a finished CME validation study.
 
-The verdict's label test (``fedsim.analysis.agreement``) is a rank-sum test of a per-round label
-statistic against the other clients of the same model, with an effect-size guard. This script
-re-scores the study's runs (``OUT/runs/*/study_record.json``, no retraining) under each
-combination of
+The verdict's ``weak`` tests (``fedsim.analysis.agreement``) are rank-sum tests of a per-round
+statistic against the other clients of the same model, each with an effect-size guard. This
+script re-scores the study's runs (``OUT/runs/*/study_record.json``, no retraining).
+
+``--test label`` (the default): the label-agreement test, under each combination of
 
 * statistic: ``train_loss`` (last local epoch, on the client's own labels) and, where the runs
   recorded it (task option ``received-eval``), ``received_loss`` (the model as received, before
@@ -13,13 +14,21 @@ combination of
   (weighted mean over the rounds), each with the run's between-client spread pooled as the mean
   of the model groups' ranges (:func:`~fedsim.analysis.agreement.pooled_spread`, the verdict's),
   and ``clear_outlier/max`` / ``outlier_on_average/max`` with the largest range instead (the
-  rules before seeds 40-49),
+  rules before seeds 40-49);
 
-at the verdict's level (2.5 %), and writes how many label-noise clients each finds and how many
-healthy clients it flags (the label test alone; the verdict adds the update-norm test and the
-``diverged`` rules). docs/cme-validation.md ("How the rule got here") quotes its output:
+it writes how many label-noise clients each finds and how many healthy clients it flags.
+
+``--test contribution``: the contribution test on the server's ``update_norm`` (log scale, flat
+weights, lowest = weak) under each guard: ``outlier_in_last_round``, ``outlier_overall`` (median
+over the rounds), ``clear_outlier`` (both: the rule up to ``5bb41d8``) and ``outlier_on_average``
+(the verdict's since ``9b4ffb0``); it writes how many few-data and free-rider clients each finds
+and how many healthy clients it flags.
+
+Both at the verdict's level (2.5 %) and each test alone (the verdict combines them and adds the
+``diverged`` rules). docs/cme-validation.md ("How the rule got here") quotes the output of:
 
     python benchmarks/cme_label_rules.py runs/cme-validation --seeds 0-29
+    python benchmarks/cme_label_rules.py runs/cme-validation --seeds 0-49 --test contribution
 """
 
 from __future__ import annotations
@@ -57,9 +66,17 @@ def load(
             int(m.group(2)),
             int(m.group(4)) if m.group(4) else None,
             m.group(5) or "none",
-            json.loads(rec.read_text())["metrics"],
+            _rows(json.loads(rec.read_text())),
         )
     return runs
+
+
+def _rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record's metrics rows, with the probe's update norms filled in where the server did
+    not write them (runs recorded before it did: the same ``||w_returned - w_sent||``)."""
+    from fedsim.study.federation import with_update_norms
+
+    return with_update_norms(record["metrics"], record["updates"]) if record.get("updates") else record["metrics"]
 
 
 def _on_average_max(test: Any) -> bool:
@@ -113,6 +130,41 @@ def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, leve
     return out
 
 
+#: Guards of the contribution test scored by ``--test contribution``.
+CONTRIBUTION_GUARDS = ("outlier_in_last_round", "outlier_overall", "clear_outlier", "outlier_on_average")
+#: The faults the contribution test is meant to find.
+CONTRIBUTION_FAULTS = ("few-data", "free-rider")
+
+
+def score_contribution(runs: dict[str, Any], guard: str, level: float = 0.025) -> dict[tuple[str, str], list[int]]:
+    """``{(style, "few-data" | "free-rider" | "healthy"): [flagged, clients]}`` of the update-norm
+    test under ``guard`` (:data:`CONTRIBUTION_GUARDS`); other faulty clients are skipped."""
+    from fedsim.analysis import agreement as ag
+
+    if guard not in CONTRIBUTION_GUARDS:
+        raise ValueError(f"unknown guard {guard!r}; valid: {', '.join(CONTRIBUTION_GUARDS)}")
+    check = getattr(ag, guard)
+    out: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for style, _, faulty, kind, rows in runs.values():
+        for client, test in ag.update_tests(rows).items():
+            if client == faulty and kind not in CONTRIBUTION_FAULTS:
+                continue
+            hit = test is not None and test.p_value <= level and check(test)
+            cell = out[(style, kind if client == faulty else "healthy")]
+            cell[0] += int(hit)
+            cell[1] += 1
+    return out
+
+
+def _contribution_table(runs: dict[str, Any], head: str) -> list[str]:
+    cols = [(s, k) for s in ("same-model", "mixed") for k in (*CONTRIBUTION_FAULTS, "healthy")]
+    lines = [head, "", "| guard | " + " | ".join(f"{s} {k}" for s, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    for guard in CONTRIBUTION_GUARDS:
+        res = score_contribution(runs, guard)
+        lines.append(f"| {guard} | " + " | ".join(f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedsim.analysis.agreement import WEIGHTINGS, has_statistic
 
@@ -120,17 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the study's --out folder")
     p.add_argument("--seeds", default="0-29", help="A-B: the seeds to score (default: %(default)s)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="run-name suffixes to score (default: %(default)s)")
+    p.add_argument("--test", choices=("label", "contribution"), default="label", help="which weak test to score (default: %(default)s)")
     p.add_argument("--write", type=Path, help=f"also write the table as markdown (e.g. {RESULTS / 'label-rules.md'})")
     args = p.parse_args(argv)
     lo, _, hi = args.seeds.partition("-")
     runs = load(args.out, range(int(lo), int(hi or lo) + 1), tuple(args.conditions.split(",")))
     if not runs:
         p.error(f"no finished study runs for seeds {args.seeds} in {args.out / 'runs'}")
+    command = f"python benchmarks/cme_label_rules.py {args.out} --seeds {args.seeds}"
+    if args.test == "contribution":
+        head = f"Contribution test guards (update norm), seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command} --test contribution`)"
+        return _emit(_contribution_table(runs, head), args.write)
     rows_all = [r for v in runs.values() for r in v[4]]
     stats = ["train_loss"] + (["received_loss"] if has_statistic(rows_all, "received_loss") else [])
     cols = [(s, k) for s in ("same-model", "mixed") for k in ("label-noise", "healthy")]
     lines = [
-        f"Label test variants, seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `python benchmarks/cme_label_rules.py {args.out} --seeds {args.seeds}`)",
+        f"Label test variants, seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command}`)",
         "",
         "| statistic | weighting | guard | " + " | ".join(f"{s} {k}" for s, k in cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
@@ -141,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                 res = score({k: v for k, v in runs.items() if has_statistic(v[4], stat)}, stat, weighting, guard)
                 cells = [f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols]
                 lines.append(f"| {stat} | {weighting} | {guard} | " + " | ".join(cells) + " |")
+    return _emit(lines, args.write)
+
+
+def _emit(lines: list[str], write: Path | None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.write:
-        args.write.write_text(text)
+    if write:
+        write.write_text(text)
     return 0
 
 

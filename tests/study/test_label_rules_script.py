@@ -1,11 +1,12 @@
-"""``benchmarks/cme_label_rules.py`` scores label-test variants on a study folder: checked on two
-hand-made runs (a label-noise client above its peers in the later rounds, and a fault-free run)."""
+"""``benchmarks/cme_label_rules.py`` scores variants of the weak tests on a study folder: checked on
+hand-made runs (a label-noise client above its peers in the later rounds; a few-data client whose
+update is far below its peers' on average but not in the last round; a free rider; fault-free runs)."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks.cme_label_rules import load, main, score
+from benchmarks.cme_label_rules import load, main, score, score_contribution
 
 
 def _run(root, name, losses):
@@ -34,3 +35,34 @@ def test_scores_the_label_noise_client_and_the_healthy_ones(tmp_path, capsys):
     assert linear[("same-model", "healthy")] == [0, 5]  # 2 peers of the label-noise client + 3 fault-free clients
     assert main([str(tmp_path), "--seeds", "0-0"]) == 0
     assert "| train_loss | linear | outlier_on_average | 1/1 | 0/5 | - | - |" in capsys.readouterr().out
+
+
+def _norm_run(root, name, norms):
+    d = root / "runs" / name
+    d.mkdir(parents=True)
+    rows = [
+        {"round": r + 1, "clients": [{"client": k, "model": "m", "train_loss": 1.0, "update_norm": v[r]} for k, v in norms.items()]}
+        for r in range(5)
+    ]
+    (d / "study_record.json").write_text(json.dumps({"metrics": rows}))
+
+
+def test_scores_the_contribution_guards(tmp_path, capsys):
+    # client 0 has half its peers' update in rounds 1-4 and 0.95 of the smaller one in round 5:
+    # lowest in every round (p = 3^-5 = 0.004); in the last round log(1/0.95) = 0.051 below the
+    # nearer peer, less than the peers' log range log(1.1) = 0.095; on average
+    # (4 x log 2 + 0.051) / 5 = 0.56 below, more than the mean range 0.095
+    few = {0: [0.5, 0.5, 0.5, 0.5, 0.95], 1: [1.0] * 5, 2: [1.1] * 5}
+    _norm_run(tmp_path, "mixed-s0-c0-few-data-0.1", few)
+    _norm_run(tmp_path, "mixed-s0-c0-free-rider-0.01", {0: [1e-4] * 5, 1: [1.0] * 5, 2: [1.1] * 5})
+    _norm_run(tmp_path, "mixed-s0-fault-free", {0: [1.0, 1.1, 1.0, 1.1, 1.0], 1: [1.1, 1.0, 1.1, 1.0, 1.1], 2: [1.05] * 5})
+    runs = load(tmp_path, range(1))
+    last = score_contribution(runs, "clear_outlier")
+    avg = score_contribution(runs, "outlier_on_average")
+    assert last[("mixed", "few-data")] == [0, 1] and avg[("mixed", "few-data")] == [1, 1]
+    assert last[("mixed", "free-rider")] == avg[("mixed", "free-rider")] == [1, 1]
+    assert avg[("mixed", "healthy")] == [0, 7]  # 2 + 2 peers of the faulty clients + 3 fault-free clients
+    assert score_contribution(runs, "outlier_overall")[("mixed", "few-data")] == [1, 1]
+    assert main([str(tmp_path), "--seeds", "0-0", "--test", "contribution"]) == 0
+    out = capsys.readouterr().out
+    assert "| clear_outlier | - | - | - | 0/1 | 1/1 | 0/7 |" in out and "| outlier_on_average | - | - | - | 1/1 | 1/1 | 0/7 |" in out

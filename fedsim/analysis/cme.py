@@ -59,9 +59,9 @@ EXPLODING_JUMP_FRACTION = 0.5
 #: With the server's update norms, the relative ``diverged`` rule (:func:`exploding_round`) also
 #: needs the client's update to be at least this many times the largest same-model peer's: an
 #: explosion is an order of magnitude, not a client that moved somewhat more than two peers. In
-#: the validation study's seeds 0-29, diverging clients' updates were 1e4-2e10x their peers',
+#: the validation study's seeds 0-29, diverging clients' updates were 9e3-5e10x their peers',
 #: while the healthy and label-noise clients the rule had called diverged were 1.04-1.65x
-#: (docs/cme-validation.md).
+#: (docs/cme-validation.md; ``benchmarks/cme_cme_rules.py --report exploding``).
 EXPLODING_UPDATE_RATIO = 10.0
 #: The per-round ``metrics.jsonl`` statistic of the label-agreement ``weak`` test
 #: (:mod:`fedsim.analysis.agreement`; chosen by the validation study, docs/cme-validation.md).

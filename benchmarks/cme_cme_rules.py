@@ -48,7 +48,7 @@ import numpy as np
 # the sibling script by the name `python benchmarks/...` and `mypy benchmarks` give it, also when imported as benchmarks.cme_cme_rules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cme_label_rules import CONDITIONS, RESULTS, load
+from cme_label_rules import CONDITIONS, RESULTS, _emit, load
 
 if TYPE_CHECKING:
     from fedsim.analysis.cme import ClientStatistics
@@ -294,14 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         return _emit(_magnitude_table(runs, stats, head), args.write)
     head = f"Relative `diverged` rule with and without the update ratio, seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command}`)"
     return _emit(_exploding_table(runs, stats, head), args.write)
-
-
-def _emit(lines: list[str], write: Path | None) -> int:
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if write:
-        write.write_text(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ docs/cme-validation.md ("How the rule got here", steps 8 and 10) quotes the outp
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -48,7 +47,7 @@ import numpy as np
 # the sibling script by the name `python benchmarks/...` and `mypy benchmarks` give it, also when imported as benchmarks.cme_cme_rules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cme_label_rules import CONDITIONS, RESULTS, _emit, load
+from cme_label_rules import _emit, load_args, study_parser
 
 if TYPE_CHECKING:
     from fedsim.analysis.cme import ClientStatistics
@@ -114,18 +113,6 @@ def peer_groups(stats: Sequence[ClientStatistics], s: ClientStatistics) -> tuple
     same = [p for p in others if p.model == s.model]
     groups = [[p for p in others if p.model == m] for m in sorted({p.model for p in others} - {s.model})]
     return same, groups
-
-
-def update_norms(rows: Sequence[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
-    """``{client: {round: update norm}}`` from metrics rows (``None``, a non-finite norm: ``inf``),
-    as ``decide_verdicts`` reads them."""
-    norms: dict[int, dict[int, float]] = {}
-    for row in rows:
-        for c in row.get("clients", []):
-            if "update_norm" in c:
-                v = c["update_norm"]
-                norms.setdefault(int(c["client"]), {})[int(row["round"])] = math.inf if v is None else float(v)
-    return norms
 
 
 # ---------------------------------------------------------------------------- --report magnitude
@@ -208,11 +195,12 @@ def score_exploding(
     the client's head CME magnitude (``exp`` of the rule's log excess) and update norm over the
     largest same-model peer's in the round the rule picked (NaN without update norms)."""
     from fedsim.analysis import cme
+    from fedsim.analysis.cme import update_norms_by_client
 
     out: dict[tuple[str, str], ExplodingCell] = defaultdict(ExplodingCell)
     with update_ratio(cme.EXPLODING_UPDATE_RATIO if ratio is None else ratio):
         for name, (style, _, faulty, kind, rows) in runs.items():
-            norms = update_norms(rows)
+            norms = update_norms_by_client(rows)
             for s in stats[name]:
                 cell = out[(style, kind if s.client == faulty else "healthy")]
                 cell.clients += 1
@@ -275,18 +263,11 @@ def _exploding_table(runs: Mapping[str, Any], stats: Mapping[str, Sequence[Clien
 
 # ---------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="the study's --out folder")
-    p.add_argument("--seeds", default="0-29", help="A-B: the seeds to score (default: %(default)s)")
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help="run-name suffixes to score (default: %(default)s)")
+    p = study_parser(__doc__.split("\n\n")[0], "magnitude-rules.md")
     p.add_argument("--report", choices=("magnitude", "exploding"), default="magnitude", help="which rule to score (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help=f"processes computing runs missing from OUT/{CACHE} (default: %(default)s)")
-    p.add_argument("--write", type=Path, help=f"also write the table as markdown (e.g. {RESULTS / 'magnitude-rules.md'})")
     args = p.parse_args(argv)
-    lo, _, hi = args.seeds.partition("-")
-    runs = load(args.out, range(int(lo), int(hi or lo) + 1), tuple(args.conditions.split(",")))
-    if not runs:
-        p.error(f"no finished study runs for seeds {args.seeds} in {args.out / 'runs'}")
+    runs = load_args(p, args)
     stats = cached_statistics(args.out, sorted(runs), args.workers, progress=lambda m: print(m, file=sys.stderr, flush=True))
     command = f"python benchmarks/cme_cme_rules.py {args.out} --seeds {args.seeds} --report {args.report}"
     if args.report == "magnitude":

@@ -165,20 +165,33 @@ def _contribution_table(runs: dict[str, Any], head: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedsim.analysis.agreement import WEIGHTINGS, has_statistic
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(description: str, example: str) -> argparse.ArgumentParser:
+    """The arguments the study's re-scoring scripts share: the study folder, ``--seeds``,
+    ``--conditions`` and ``--write`` (``example``: a results file name for the help)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("out", type=Path, help="the study's --out folder")
     p.add_argument("--seeds", default="0-29", help="A-B: the seeds to score (default: %(default)s)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="run-name suffixes to score (default: %(default)s)")
-    p.add_argument("--test", choices=("label", "contribution"), default="label", help="which weak test to score (default: %(default)s)")
-    p.add_argument("--write", type=Path, help=f"also write the table as markdown (e.g. {RESULTS / 'label-rules.md'})")
-    args = p.parse_args(argv)
+    p.add_argument("--write", type=Path, help=f"also write the table as markdown (e.g. {RESULTS / example})")
+    return p
+
+
+def load_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, tuple[str, int, int | None, str, list[dict[str, Any]]]]:
+    """:func:`load` of the runs :func:`study_parser`'s arguments select; a usage error when none is finished."""
     lo, _, hi = args.seeds.partition("-")
     runs = load(args.out, range(int(lo), int(hi or lo) + 1), tuple(args.conditions.split(",")))
     if not runs:
         p.error(f"no finished study runs for seeds {args.seeds} in {args.out / 'runs'}")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedsim.analysis.agreement import WEIGHTINGS, has_statistic
+
+    p = study_parser(__doc__.split("\n\n")[0], "label-rules.md")
+    p.add_argument("--test", choices=("label", "contribution"), default="label", help="which weak test to score (default: %(default)s)")
+    args = p.parse_args(argv)
+    runs = load_args(p, args)
     command = f"python benchmarks/cme_label_rules.py {args.out} --seeds {args.seeds}"
     if args.test == "contribution":
         head = f"Contribution test guards (update norm), seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command} --test contribution`)"

@@ -849,6 +849,18 @@ def _log(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.nan, np.log(np.maximum(np.nan_to_num(x, nan=1.0), 1e-12)))
 
 
+def update_norms_by_client(rows: Sequence[Mapping[str, Any]]) -> dict[int, dict[int, float]]:
+    """``{client: {round: update norm}}`` from ``metrics.jsonl`` rows that carry the server's
+    ``update_norm`` (``None``, written for a non-finite norm, becomes ``inf``); empty without."""
+    norms: dict[int, dict[int, float]] = {}
+    for row in rows:
+        for c in row.get("clients", []):
+            if "update_norm" in c:
+                v = c["update_norm"]
+                norms.setdefault(int(c["client"]), {})[int(row["round"])] = np.inf if v is None else float(v)
+    return norms
+
+
 def decide_verdicts(
     all_stats: Sequence[ClientStatistics],
     coverage: float = NULL_COVERAGE,
@@ -861,12 +873,7 @@ def decide_verdicts(
     replaces the CME magnitude test and the update norm corroborates an exploding head."""
     rows = list(metrics_rows or [])
     labels = label_tests(rows, label_statistic, weighting=LABEL_WEIGHTING) if rows else {}
-    norms: dict[int, dict[int, float]] = {}
-    for row in rows:
-        for c in row.get("clients", []):
-            if "update_norm" in c:
-                v = c["update_norm"]
-                norms.setdefault(int(c["client"]), {})[int(row["round"])] = np.inf if v is None else float(v)
+    norms = update_norms_by_client(rows)
     updates = update_tests(rows) if norms else {}
     return {
         s.client: decide_verdict(

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from benchmarks import cme_cme_rules as rules
-from benchmarks.cme_cme_rules import CACHE, load, main, score_exploding, score_magnitude, update_norms, update_ratio
+from benchmarks.cme_cme_rules import CACHE, main, score_exploding, score_magnitude, update_ratio
+from benchmarks.cme_label_rules import load
 from fedsim.analysis import cme
-from fedsim.analysis.cme import ClientStatistics
+from fedsim.analysis.cme import ClientStatistics, update_norms_by_client
 
 
 def _stats(client, model, magnitude, jump=0.1, nonfinite=0.0, rounds=5):
@@ -114,7 +115,7 @@ def test_scores_the_exploding_rule_with_and_without_the_update_ratio(tmp_path, c
     run_norms["same-model-s5-fault-free"][0] = [1.0, 1.0, 30.0]
     _study(tmp_path, runs, run_norms)
     loaded = load(tmp_path, range(6))
-    assert update_norms(loaded["same-model-s1-c0-diverge-10000"][4])[0] == {1: 1.0, 2: np.inf, 3: np.inf}
+    assert update_norms_by_client(loaded["same-model-s1-c0-diverge-10000"][4])[0] == {1: 1.0, 2: np.inf, 3: np.inf}
 
     old, new = score_exploding(loaded, runs, ratio=1.0), score_exploding(loaded, runs)
     assert cme.EXPLODING_UPDATE_RATIO == 10.0  # restored

@@ -712,9 +712,7 @@ def decide_verdict(
                        "further below the others than healthy clients are apart (as a ratio)")  # fmt: skip
     if labels is not None and labels.p_value <= alpha and outlier_on_average(labels):
         last, peer_last = float(labels.own[-1]), labels.peers[:, -1]
-        what = {"train_loss": "train loss", "received_loss": "loss of the received model on its training labels"}.get(
-            labels.statistic, "train loss - test loss"
-        )
+        what = _label_name(labels)
         weighed = "round-weighted " if labels.weighting != "flat" else ""
         return Verdict(WEAK, f"{labels.statistic}_rank_sum", labels.rank_sum, labels.band(coverage),
                        f"its training labels disagree with its model: {what} {_fmt(last)} in round {int(labels.rounds[-1])} (others "
@@ -722,14 +720,35 @@ def decide_verdict(
                        f"{labels.top_rounds} of {len(labels.ranks)} rounds; {weighed}rank-sum p = {labels.p_value:.2g} <= {alpha:.3g} "
                        "if clients were alike; on average over the rounds further above the others than healthy clients are apart")  # fmt: skip
 
+    checked = _weak_tests_not_met(
+        ((test, "update norm" if test is updates else "head CME magnitude"), (labels, _label_name(labels))), alpha
+    )
     if not (np.isfinite(v) and np.isfinite(vband[1])):
         return Verdict(UNDETERMINED, "acf_variation_head", v if np.isfinite(v) else None, None,
-                       "no noise band for the head ACF variation (the archive lacks the ACF's group terms or valid head elements)")  # fmt: skip
+                       "no noise band for the head ACF variation (the archive lacks the ACF's group terms or valid head elements)"
+                       + checked)  # fmt: skip
     if v > vband[1]:
         return Verdict(LEARNING, "acf_variation_head", v, vband,
-                       f"head ACF variation {_fmt(v)} above its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: the ACF still changes")  # fmt: skip
+                       f"head ACF variation {_fmt(v)} above its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: the ACF still changes"
+                       + checked)  # fmt: skip
     return Verdict(DOMINANT, "acf_variation_head", v, vband,
-                   f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning")  # fmt: skip
+                   f"head ACF variation {_fmt(v)} within its noise band [{_fmt(vband[0])}, {_fmt(vband[1])}]: stable ACF, needs little learning"
+                   + checked)  # fmt: skip
+
+
+def _label_name(labels: RankTest | None) -> str:
+    names = {"train_loss": "train loss", "received_loss": "loss of the received model on its training labels"}
+    return "" if labels is None else names.get(labels.statistic, "train loss - test loss")
+
+
+def _weak_tests_not_met(tests: Sequence[tuple[RankTest | None, str]], alpha: float) -> str:
+    """The evidence of the weak tests that did not fire, for the reason of a ``learning`` /
+    ``dominant`` client: each test's p-value, and whether only its effect-size guard stopped it (a
+    near miss a reader should see rather than a bare healthy-sounding label)."""
+    parts = [
+        f"{what} p = {t.p_value:.2g}" + (" but not clear of the spread" if t.p_value <= alpha else "") for t, what in tests if t is not None
+    ]
+    return f"; not weak: {', '.join(parts)} (needs p <= {alpha:.3g} and clear of the spread)" if parts else ""
 
 
 class ExplodingRound(NamedTuple):

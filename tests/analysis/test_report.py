@@ -129,7 +129,7 @@ def test_analyze_writes_figures_summary_and_report(tmp_path, rng, capsys):
     assert summary["cme"] is True and summary["settings"]["layer"] == "fc2.weight"
     arch = CMEArchive(run)
     all_stats = [client_statistics(arch, c, "fc2.weight", similarity_threshold=0.5, samples=50) for c in arch.clients]
-    verdicts = decide_verdicts(all_stats)
+    verdicts = decide_verdicts(all_stats, metrics_rows=RunDir(run).read_metrics())
     for entry, s in zip(summary["clients"], all_stats, strict=True):
         v = verdicts[entry["client"]]
         assert entry["verdict"] in VERDICTS and entry["verdict"] == v.verdict and entry["reason"] == v.reason

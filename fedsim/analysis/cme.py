@@ -746,7 +746,7 @@ def _weak_tests_not_met(tests: Sequence[tuple[RankTest | None, str]], alpha: flo
     ``dominant`` client: each test's p-value, and whether only its effect-size guard stopped it (a
     near miss a reader should see rather than a bare healthy-sounding label)."""
     parts = [
-        f"{what} p = {t.p_value:.2g}" + (" but not clear of the spread" if t.p_value <= alpha else "") for t, what in tests if t is not None
+        f"{what} p = {t.p_value:.3g}" + (" but not clear of the spread" if t.p_value <= alpha else "") for t, what in tests if t is not None
     ]
     return f"; not weak: {', '.join(parts)} (needs p <= {alpha:.3g} and clear of the spread)" if parts else ""
 

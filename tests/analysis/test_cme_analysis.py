@@ -370,8 +370,8 @@ def test_the_magnitude_guard_compares_ratios():
     assert close_test is not None and close_test.rank_sum == 12
     v = decide_verdict(close, peers)
     assert v.verdict == LEARNING
-    # the reason keeps the near miss visible: lowest in 4 of 4 rounds has p = (1/3)^4 = 0.0123
-    assert "not weak: head CME magnitude p = 0.012 but not clear of the spread (needs p <= 0.025" in v.reason
+    # the reason keeps the near miss visible: lowest in 4 of 4 rounds has p = (1/3)^4 = 1/81
+    assert "not weak: head CME magnitude p = 0.0123 but not clear of the spread (needs p <= 0.025" in v.reason
     # 1.4x below the nearer peer in every round (log 0.34 on average > 0.135) is weak, though in the
     # last round the peers are 1.6x apart: the guard looks at the run, not at its last round
     assert decide_verdict(make_stats(client=0, magnitude=[0.05, 0.042, 0.045, 0.024], variation=0.5), peers).verdict == WEAK
@@ -395,7 +395,7 @@ def test_weak_when_its_training_labels_disagree_with_its_model():
     assert verdicts[0].verdict == DOMINANT and verdicts[2].verdict == DOMINANT
     # client 2 (tested for the highest loss) is in the middle in round 1 and the lowest in rounds 2-4:
     # weighted rank sum 1x2 + (2+3+4)x1 = 11; only rank 1 everywhere (sum 10, probability 1/81) is smaller
-    assert f"train loss p = {1 - 1 / 81:.2g}" in verdicts[2].reason and "but not clear" not in verdicts[2].reason
+    assert f"train loss p = {1 - 1 / 81:.3g}" in verdicts[2].reason and "but not clear" not in verdicts[2].reason
     # a diverged client stays diverged whatever its labels
     assert decide_verdict(make_stats(client=1, nonfinite=0.5), stats, labels=label_tests(rows, LABEL_STATISTIC)[1]).verdict == DIVERGED
 

@@ -18,6 +18,7 @@ Choices that make the figures readable:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -244,13 +245,18 @@ class ACFDisplay:
         return fig
 
 
-def verdict_caption(stats: ClientStatistics, verdict: Verdict) -> str:
-    """The figure title: client, model, verdict with its number, saturation round."""
+#: characters per line of :func:`verdict_caption`: a 15-inch figure at 11 pt holds about 175
+CAPTION_WIDTH = 150
+
+
+def verdict_caption(stats: ClientStatistics, verdict: Verdict, width: int = CAPTION_WIDTH) -> str:
+    """The figure title: client, model, verdict with its number, saturation round; wrapped at
+    ``width`` characters so a long reason stays inside the figure."""
     sat = "not reached" if stats.saturation_round is None else f"round {stats.saturation_round}"
-    return (
-        f"client {stats.client} ({stats.model}): verdict {verdict.verdict.upper()} - {verdict.reason}\n"
-        f"covariance maps of {stats.layer}; saturation {sat}"
+    head = textwrap.fill(
+        f"client {stats.client} ({stats.model}): verdict {verdict.verdict.upper()} - {verdict.reason}", width, break_on_hyphens=False
     )
+    return f"{head}\ncovariance maps of {stats.layer}; saturation {sat}"
 
 
 class ClientCMEFigure:

@@ -14,6 +14,7 @@ from torch import nn
 
 from fedsim.analysis.cme import VERDICTS, client_statistics, decide_verdicts, round_maps
 from fedsim.analysis.figures import (
+    CAPTION_WIDTH,
     ACFDisplay,
     ClientCMEFigure,
     CovarianceMapDisplay,
@@ -117,7 +118,9 @@ def test_figures_show_the_computed_arrays(tmp_path, rng):
     assert len(images) == len(shown)
     for img, r in zip(images, shown, strict=True):
         np.testing.assert_array_equal(np.ma.filled(img, np.nan), off_diagonal(maps[list(rounds).index(r)]))
-    assert f"verdict {verdict.verdict.upper()}" in fig._suptitle.get_text() and verdict.reason in fig._suptitle.get_text()
+    title = fig._suptitle.get_text()
+    assert f"verdict {verdict.verdict.upper()}" in title and verdict.reason in " ".join(title.split())
+    assert len(title.splitlines()) > 2 and all(len(line) <= CAPTION_WIDTH for line in title.splitlines())  # the long reason is wrapped
 
 
 def test_analyze_writes_figures_summary_and_report(tmp_path, rng, capsys):

@@ -9,7 +9,7 @@ script re-scores the study's runs (``OUT/runs/*/study_record.json``, no retraini
 * statistic: ``train_loss`` (last local epoch, on the client's own labels) and, where the runs
   recorded it (task option ``received-eval``), ``received_loss`` (the model as received, before
   local training, on the same labels);
-* round weighting of the rank sum: ``flat`` or ``linear`` (:data:`~fedsim.analysis.agreement.WEIGHTINGS`);
+* round weighting of the rank sum: ``flat``, ``linear`` or ``quadratic`` (:data:`~fedsim.analysis.agreement.WEIGHTINGS`);
 * guard: ``clear_outlier`` (last round and median over the rounds) or ``outlier_on_average``
   (weighted mean over the rounds), each with the run's between-client spread pooled as the mean
   of the model groups' ranges (:func:`~fedsim.analysis.agreement.pooled_spread`, the verdict's),

@@ -33,18 +33,27 @@ from typing import Any
 
 import numpy as np
 
-#: Round weightings of :func:`rank_sum_test`: ``flat`` (every round counts once) or ``linear``
-#: (the ``i``-th round used counts ``i`` times: evidence that only appears once the federation
-#: has learned something, such as labels disagreeing with the shared model, is not drowned by
-#: the first rounds, in which every client is at chance).
-WEIGHTINGS = ("flat", "linear")
+#: Round weightings of :func:`rank_sum_test`: ``flat`` (every round counts once), ``linear`` (the
+#: ``i``-th round used counts ``i`` times: evidence that only appears once the federation has
+#: learned something, such as labels disagreeing with the shared model, is not drowned by the
+#: first rounds, in which every client is at chance) or ``quadratic`` (``round(64 i^2 / R^2)``,
+#: at least 1, of ``R`` rounds: ``i^2`` for 8 rounds, the study's; the last rounds count most,
+#: and the largest weight stays 64 however long the run, so the exact null stays cheap).
+WEIGHTINGS = ("flat", "linear", "quadratic")
+#: The largest weight of the ``quadratic`` weighting (that of the last round).
+QUADRATIC_TOP = 64
 
 
 def round_weights(rounds: int, weighting: str = "flat") -> np.ndarray:
     """Integer weights of ``rounds`` used rounds under ``weighting`` (:data:`WEIGHTINGS`)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown round weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-    return np.ones(rounds, dtype=np.int64) if weighting == "flat" else np.arange(1, rounds + 1, dtype=np.int64)
+    i = np.arange(1, rounds + 1, dtype=np.int64)
+    if weighting == "flat":
+        return np.ones(rounds, dtype=np.int64)
+    if weighting == "linear":
+        return i
+    return np.maximum(1, np.round(QUADRATIC_TOP * i.astype(np.float64) ** 2 / rounds**2)).astype(np.int64)
 
 
 def _null_pmf(clients: int, weights: np.ndarray) -> np.ndarray:

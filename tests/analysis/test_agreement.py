@@ -53,7 +53,7 @@ def test_weighted_rank_sum_pvalue_and_band_match_enumeration(clients, weights):
 def test_linear_weighting_counts_the_later_rounds_more():
     np.testing.assert_array_equal(round_weights(4, "linear"), [1, 2, 3, 4])
     np.testing.assert_array_equal(round_weights(3), [1, 1, 1])
-    with pytest.raises(ValueError, match="valid: flat, linear"):
+    with pytest.raises(ValueError, match="valid: flat, linear, quadratic"):
         round_weights(3, "late")
     # bottom in rounds 1-2, top in rounds 3-5: flat sum 1+1+3+3+3 = 11; linear 1+2+9+12+15 = 39
     own, peers = [0.0, 0.0, 3.0, 3.0, 3.0], [[1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]]
@@ -62,6 +62,21 @@ def test_linear_weighting_counts_the_later_rounds_more():
     assert flat.rank_sum == 11 and linear.rank_sum == 39 and linear.weighting == "linear"
     assert linear.p_value == pytest.approx(7 / 81) and flat.p_value == pytest.approx(32 / 81)  # enumerated by the test above
     assert linear.band(0.8) == rank_sum_band(3, 5, 0.8, [1, 2, 3, 4, 5])
+
+
+def test_quadratic_weighting_is_i_squared_for_8_rounds_and_capped_for_long_runs():
+    np.testing.assert_array_equal(round_weights(8, "quadratic"), np.arange(1, 9) ** 2)
+    np.testing.assert_array_equal(round_weights(4, "quadratic"), [4, 16, 36, 64])  # 64 i^2 / 16
+    long = round_weights(200, "quadratic")
+    assert long.max() == 64 and long.min() == 1 and np.all(np.diff(long) >= 0)
+    # bottom in rounds 1-2, top in rounds 3-5; weights round(64 i^2 / 25) = 3, 10, 23, 41, 64
+    own, peers = [0.0, 0.0, 3.0, 3.0, 3.0], [[1.0] * 5, [2.0] * 5]
+    t = rank_sum_test(own, peers, weighting="quadratic")
+    assert t is not None and t.weighting == "quadratic"
+    w = np.array([3, 10, 23, 41, 64])
+    assert t.rank_sum == 3 + 10 + 3 * (23 + 41 + 64)
+    sums = np.array([w @ np.array(r) for r in itertools.product([1, 2, 3], repeat=5)])  # every ranking, enumerated
+    assert t.p_value == pytest.approx(np.mean(sums >= t.rank_sum))
 
 
 def test_rank_sum_pvalue_refuses_degenerate_input():

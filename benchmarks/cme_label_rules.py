@@ -29,6 +29,9 @@ Both at the verdict's level (2.5 %) and each test alone (the verdict combines th
 
     python benchmarks/cme_label_rules.py runs/cme-validation --seeds 0-29
     python benchmarks/cme_label_rules.py runs/cme-validation --seeds 0-49 --test contribution
+    python benchmarks/cme_label_rules.py runs/cme-validation --seeds 50-69
+
+``--test misses`` lists what the verdicts of a finished study (its ``clients.csv``) got wrong.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, leve
     from fedsim.analysis import agreement as ag
 
     check = {
+        "none": lambda test: True,
         "clear_outlier": ag.clear_outlier,
         "outlier_on_average": ag.outlier_on_average,
         "outlier_on_average/max": _on_average_max,
@@ -129,6 +133,10 @@ def score(runs: dict[str, Any], statistic: str, weighting: str, guard: str, leve
             cell[1] += 1
     return out
 
+
+#: Guards of the label test in ``--test label``'s table; ``none`` is the rank-sum test alone (how
+#: often its p-value alone is <= the level: its calibration on healthy clients).
+LABEL_GUARDS = ("none", "clear_outlier/max", "clear_outlier", "outlier_on_average/max", "outlier_on_average")
 
 #: Guards of the contribution test scored by ``--test contribution``.
 CONTRIBUTION_GUARDS = ("outlier_in_last_round", "outlier_overall", "clear_outlier", "outlier_on_average")
@@ -165,6 +173,60 @@ def _contribution_table(runs: dict[str, Any], head: str) -> list[str]:
     return lines
 
 
+def misses_report(runs: dict[str, Any], clients_csv: Path, head: str) -> list[str]:
+    """What the verdicts in ``clients_csv`` (the study's ``clients.csv``) got wrong, for the runs
+    in ``runs``: every faulty client not detected (``weak``; ``diverged`` for ``diverge``) with its
+    verdict and, for label noise, its label test (:data:`fedsim.analysis.cme.LABEL_STATISTIC`,
+    :data:`~fedsim.analysis.cme.LABEL_WEIGHTING`: p-value, whether the effect-size guard held, the
+    first round from which it was the highest of its peers); every healthy client flagged ``weak``
+    or ``diverged``, counted by the statistic behind it, and how many were the same client of the
+    same seed (the same data partition) flagged in more than one run of the seed. The label test
+    is recomputed under the current rule, so ``clients_csv`` should come from the same rule.
+
+    docs/cme-validation.md quotes ``python benchmarks/cme_label_rules.py runs/cme-validation
+    --seeds 70-89 --test misses``."""
+    import csv
+
+    from fedsim.analysis import agreement as ag
+    from fedsim.analysis.cme import LABEL_STATISTIC, LABEL_WEIGHTING
+
+    rows = [r for r in csv.DictReader(clients_csv.open()) if r["condition"] in runs and r.get("cme_verdict")]
+    if not rows:
+        raise SystemExit(f"{clients_csv} has no verdicts of the selected runs; run the study on these seeds first")
+    lines = [head, "", "Faulty clients not detected:", ""]
+    for r in rows:
+        if r["is_faulty"] != "True" or r["cme_verdict"] == ("diverged" if r["fault_kind"] == "diverge" else "weak"):
+            continue
+        line = f"- {r['condition']}: client {r['client']} ({r['model']}) `{r['cme_verdict']}` ({r['cme_verdict_statistic']})"
+        if r["fault_kind"] == "label-noise":
+            test = ag.label_tests(runs[r["condition"]][4], LABEL_STATISTIC, weighting=LABEL_WEIGHTING).get(int(r["client"]))
+            if test is not None:
+                top = test.ranks >= test.clients
+                since = next((int(test.rounds[i]) for i in range(len(top)) if top[i:].all()), None)
+                line += (
+                    f"; label test p = {test.p_value:.3g}, guard {'held' if ag.outlier_on_average(test) else 'not met'}, "
+                    f"highest in {test.top_rounds} of {len(test.ranks)} rounds"
+                    + (f", from round {since} on" if since is not None else ", not in the last round")
+                )
+        lines.append(line)
+    flagged = [r for r in rows if r["is_faulty"] != "True" and r["cme_verdict"] in ("weak", "diverged")]
+    healthy = sum(r["is_faulty"] != "True" for r in rows)
+    lines += ["", f"Healthy clients flagged: {len(flagged)} of {healthy}", ""]
+    by: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in flagged:
+        by[(r["style"], r["cme_verdict"], r["cme_verdict_statistic"])] += 1
+    lines += [f"- {style}: {n} `{verdict}` by {stat}" for (style, verdict, stat), n in sorted(by.items())]
+    same: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in flagged:
+        same[(r["style"], r["seed"], r["client"])] += 1
+    repeats = {k: n for k, n in same.items() if n > 1}
+    lines.append(
+        f"- the same client of the same seed flagged in more than one run: {len(repeats)} "
+        + ("(" + ", ".join(f"{s} seed {seed} client {c} x{n}" for (s, seed, c), n in sorted(repeats.items())) + ")" if repeats else "")
+    )
+    return lines
+
+
 def study_parser(description: str, example: str) -> argparse.ArgumentParser:
     """The arguments the study's re-scoring scripts share: the study folder, ``--seeds``,
     ``--conditions`` and ``--write`` (``example``: a results file name for the help)."""
@@ -189,10 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     from fedsim.analysis.agreement import WEIGHTINGS, has_statistic
 
     p = study_parser(__doc__.split("\n\n")[0], "label-rules.md")
-    p.add_argument("--test", choices=("label", "contribution"), default="label", help="which weak test to score (default: %(default)s)")
+    p.add_argument(
+        "--test",
+        choices=("label", "contribution", "misses"),
+        default="label",
+        help="which weak test to score, or 'misses': what the study's verdicts got wrong (default: %(default)s)",
+    )
+    p.add_argument("--clients", type=Path, help="--test misses: the study's clients.csv with the verdicts (default: OUT/clients.csv)")
     args = p.parse_args(argv)
     runs = load_args(p, args)
     command = f"python benchmarks/cme_label_rules.py {args.out} --seeds {args.seeds}"
+    if args.test == "misses":
+        clients = args.clients or args.out / "clients.csv"
+        head = f"Verdict misses and false alarms, seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command} --test misses`)"
+        return _emit(misses_report(runs, clients, head), args.write)
     if args.test == "contribution":
         head = f"Contribution test guards (update norm), seeds {args.seeds} of `{args.out}` ({len(runs)} runs; `{command} --test contribution`)"
         return _emit(_contribution_table(runs, head), args.write)
@@ -207,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for stat in stats:
         for weighting in WEIGHTINGS:
-            for guard in ("clear_outlier/max", "clear_outlier", "outlier_on_average/max", "outlier_on_average"):
+            for guard in LABEL_GUARDS:
                 res = score({k: v for k, v in runs.items() if has_statistic(v[4], stat)}, stat, weighting, guard)
                 cells = [f"{res[c][0]}/{res[c][1]}" if res[c][1] else "-" for c in cols]
                 lines.append(f"| {stat} | {weighting} | {guard} | " + " | ".join(cells) + " |")

@@ -66,3 +66,33 @@ def test_scores_the_contribution_guards(tmp_path, capsys):
     assert main([str(tmp_path), "--seeds", "0-0", "--test", "contribution"]) == 0
     out = capsys.readouterr().out
     assert "| clear_outlier | - | - | - | 0/1 | 1/1 | 0/7 |" in out and "| outlier_on_average | - | - | - | 1/1 | 1/1 | 0/7 |" in out
+
+
+def test_misses_report_lists_undetected_faulty_and_flagged_healthy_clients(tmp_path, capsys):
+    from fedsim.analysis.agreement import rank_sum_pvalue, round_weights
+
+    noisy = {0: [1.38, 1.36, 1.34, 1.33, 1.32], 1: [1.39, 1.37, 1.20, 1.10, 1.00], 2: [1.37, 1.35, 1.22, 1.12, 1.02]}
+    _run(tmp_path, "same-model-s0-c0-label-noise-0.5", noisy)
+    _run(tmp_path, "same-model-s0-fault-free", {k: [1.0] * 5 for k in range(3)})
+    columns = "style,seed,condition,fault_kind,fault_level,client,model,is_faulty,cme_verdict,cme_verdict_statistic"
+    verdicts = [
+        "same-model,0,same-model-s0-c0-label-noise-0.5,label-noise,0.5,0,m,True,dominant,acf_variation_head",
+        "same-model,0,same-model-s0-c0-label-noise-0.5,label-noise,0.5,1,m,False,weak,train_loss_rank_sum",
+        "same-model,0,same-model-s0-c0-label-noise-0.5,label-noise,0.5,2,m,False,learning,acf_variation_head",
+        "same-model,0,same-model-s0-fault-free,none,0,0,m,False,learning,acf_variation_head",
+        "same-model,0,same-model-s0-fault-free,none,0,1,m,False,weak,update_norm_rank_sum",
+        "same-model,0,same-model-s0-fault-free,none,0,2,m,False,dominant,acf_variation_head",
+    ]
+    (tmp_path / "clients.csv").write_text("\n".join([columns, *verdicts]) + "\n")
+    assert main([str(tmp_path), "--seeds", "0-0", "--test", "misses"]) == 0
+    out = capsys.readouterr().out
+    # ranks 2, 2, 3, 3, 3 under the verdict's quadratic weights round(64 i^2 / 25) = 3, 10, 23, 41, 64
+    w = round_weights(5, "quadratic")
+    p = rank_sum_pvalue(float(w @ [2, 2, 3, 3, 3]), 3, 5, w)
+    assert (
+        f"- same-model-s0-c0-label-noise-0.5: client 0 (m) `dominant` (acf_variation_head); label test p = {p:.3g}, "
+        "guard held, highest in 3 of 5 rounds, from round 3 on" in out
+    )
+    assert "Healthy clients flagged: 2 of 5" in out
+    assert "- same-model: 1 `weak` by train_loss_rank_sum" in out and "- same-model: 1 `weak` by update_norm_rank_sum" in out
+    assert "more than one run: 1 (same-model seed 0 client 1 x2)" in out

@@ -641,7 +641,7 @@ def decide_verdict(
        (:func:`magnitude_rank_test`); or, given ``labels`` (the
        :func:`~fedsim.analysis.agreement.label_tests` result from ``metrics.jsonl``, also among
        same-model clients), its training labels disagree with its own model more than the other
-       clients' do (its train loss is the highest; the rounds weighted ``1, 2, 3, ...``, see
+       clients' do (its train loss is the highest; the later rounds weighted more, ``quadratic``, see
        :data:`LABEL_WEIGHTING`). Null for both:
        exchangeable clients (uniform ranks per round, exact rank-sum distribution); each test at
        half of the one-sided level ``(1 - coverage) / 2``, so together they keep it; and, as an

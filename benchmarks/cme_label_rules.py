@@ -209,6 +209,8 @@ def misses_report(runs: dict[str, Any], clients_csv: Path, head: str) -> list[st
                     + (f", from round {since} on" if since is not None else ", not in the last round")
                 )
         lines.append(line)
+    if lines[-1] == "":
+        lines.append("- none")
     flagged = [r for r in rows if r["is_faulty"] != "True" and r["cme_verdict"] in ("weak", "diverged")]
     healthy = sum(r["is_faulty"] != "True" for r in rows)
     lines += ["", f"Healthy clients flagged: {len(flagged)} of {healthy}", ""]

@@ -96,3 +96,6 @@ def test_misses_report_lists_undetected_faulty_and_flagged_healthy_clients(tmp_p
     assert "Healthy clients flagged: 2 of 5" in out
     assert "- same-model: 1 `weak` by train_loss_rank_sum" in out and "- same-model: 1 `weak` by update_norm_rank_sum" in out
     assert "more than one run: 1 (same-model seed 0 client 1 x2)" in out
+    (tmp_path / "clients.csv").write_text("\n".join([columns, *verdicts[1:]]) + "\n")  # the noisy client detected
+    main([str(tmp_path), "--seeds", "0-0", "--test", "misses"])
+    assert "Faulty clients not detected:\n\n- none\n" in capsys.readouterr().out

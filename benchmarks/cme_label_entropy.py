@@ -22,7 +22,7 @@ A statistic that separates the two needs the first clearly above the second.
 
 docs/cme-validation.md quotes the output of:
 
-    python benchmarks/cme_label_entropy.py runs/cme-validation --seeds 50-69 --styles same-model
+    python benchmarks/cme_label_entropy.py runs/cme-validation --seeds 50-69
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ def round_weights(rounds: int, weighting: str = "flat") -> np.ndarray:
     """Integer weights of ``rounds`` used rounds under ``weighting`` (:data:`WEIGHTINGS`)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown round weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-    i = np.arange(1, rounds + 1, dtype=np.int64)
     if weighting == "flat":
         return np.ones(rounds, dtype=np.int64)
+    i = np.arange(1, rounds + 1, dtype=np.int64)
     if weighting == "linear":
         return i
     return np.maximum(1, np.round(QUADRATIC_TOP * i.astype(np.float64) ** 2 / rounds**2)).astype(np.int64)
